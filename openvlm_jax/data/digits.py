@@ -1,0 +1,160 @@
+"""The embedded dataset: scikit-learn's handwritten digits written as LLaVA JSONL + PNG.
+
+`load_digits()` ships inside scikit-learn (1797 grayscale 8x8 images, labels 0-9), so this
+builds offline. It is written to disk in the same format a user's data has, so training on it
+exercises the real input path. Tasks:
+  'read': one digit per image; "What number is shown?" -> "7".
+  'sum':  two or three digits side by side; "What is the sum of these digits?" -> "15".
+The train/eval split is over the digit images, so no eval digit appears in training.
+"""
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from openvlm_jax.data import conversation
+
+TASKS = ('read', 'sum')
+_MARKER = '.complete'
+_READ_QUESTIONS = (
+    '<image>\nWhat number is shown?',
+    '<image>\nWhich digit is this?',
+    '<image>\nRead the digit in the image.',
+    'What digit is written here?\n<image>',
+)
+_SUM_QUESTIONS = (
+    '<image>\nWhat is the sum of these digits?',
+    '<image>\nAdd the digits shown. What is their sum?',
+    'What do the numbers in the image add up to?\n<image>',
+)
+
+
+def _to_png(pixels_8bit: np.ndarray, image_size: int, path: str) -> None:
+  """Writes a grayscale uint8 [h, w] array, padded to a square and resized, as an RGB PNG."""
+  height, width = pixels_8bit.shape
+  side = max(height, width)
+  square = np.zeros((side, side), dtype=np.uint8)
+  top, left = (side - height) // 2, (side - width) // 2
+  square[top:top + height, left:left + width] = pixels_8bit
+  image = Image.fromarray(square)
+  resample = Image.Resampling.NEAREST if image_size % side == 0 else Image.Resampling.BILINEAR
+  image.resize((image_size, image_size), resample=resample).convert('RGB').save(path)
+
+
+def _records_for_split(
+    split: str,
+    digit_indices: np.ndarray,
+    digit_images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    task: str,
+    image_size: int,
+    out_dir: str,
+    rng: np.random.Generator,
+) -> list[dict]:
+  """Writes the PNGs of one split and returns its LLaVA records."""
+  records = []
+  for number, index in enumerate(digit_indices):
+    if task == 'read':
+      chosen = np.asarray([index])
+      question = _READ_QUESTIONS[rng.integers(len(_READ_QUESTIONS))]
+      answer = str(labels[index])
+    else:
+      others = rng.choice(digit_indices, size=rng.integers(1, 3), replace=False)
+      chosen = np.concatenate([[index], others])
+      question = _SUM_QUESTIONS[rng.integers(len(_SUM_QUESTIONS))]
+      answer = str(int(labels[chosen].sum()))
+    strip = np.concatenate([digit_images[i] for i in chosen], axis=1)  # [8, 8 * num_digits]
+    pixels_8bit = np.round(strip * (255.0 / 16.0)).astype(np.uint8)
+    image_name = f'images/{task}_{split}_{number:05d}.png'
+    _to_png(pixels_8bit, image_size, os.path.join(out_dir, image_name))
+    records.append({
+        'id': f'{task}-{split}-{number}',
+        'image': image_name,
+        'conversations': [
+            {'from': 'human', 'value': question},
+            {'from': 'gpt', 'value': answer},
+        ],
+    })
+  return records
+
+
+def build_digits_dataset(
+    out_dir: str,
+    *,
+    seed: int = 0,
+    eval_fraction: float = 0.15,
+    image_size: int = 32,
+    task: str = 'read',
+) -> dict[str, str]:
+  """Builds the digits dataset in `out_dir` once; later calls with the same options reuse it.
+
+  Writes `train.jsonl`, `eval.jsonl` and `images/*.png`, then a marker file holding the
+  options; a build interrupted before the marker is redone. Deterministic given the seed.
+
+  Args:
+    out_dir: destination folder (one dataset per folder).
+    seed: fixes the split, the question phrasings and the digit combinations.
+    eval_fraction: share of the 1797 digit images held out for evaluation.
+    image_size: side of the square RGB PNGs.
+    task: 'read' (one digit, answer the digit) or 'sum' (2-3 digits, answer their sum).
+
+  Returns:
+    `{"train": path, "eval": path}` of the JSONL files.
+  """
+  if task not in TASKS:
+    raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+  if not 0.0 < eval_fraction < 1.0:
+    raise ValueError(f'eval_fraction must be in (0, 1), got {eval_fraction}')
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top (slow import)
+
+  paths = {split: os.path.join(out_dir, f'{split}.jsonl') for split in ('train', 'eval')}
+  options = {'seed': seed, 'eval_fraction': eval_fraction, 'image_size': image_size,
+             'task': task}
+  marker = os.path.join(out_dir, _MARKER)
+  if os.path.exists(marker):
+    with open(marker) as f:
+      if json.load(f) == options and all(os.path.exists(p) for p in paths.values()):
+        return paths
+    os.remove(marker)
+
+  digits = datasets.load_digits()
+  digit_images = digits.images  # [1797, 8, 8], values 0..16
+  labels = digits.target  # [1797]
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(labels))
+  num_eval = round(len(labels) * eval_fraction)
+  split_indices = {'train': np.sort(order[num_eval:]), 'eval': np.sort(order[:num_eval])}
+
+  shutil.rmtree(os.path.join(out_dir, 'images'), ignore_errors=True)
+  os.makedirs(os.path.join(out_dir, 'images'))
+  for split, indices in split_indices.items():
+    records = _records_for_split(
+        split, indices, digit_images, labels, task=task, image_size=image_size,
+        out_dir=out_dir, rng=rng)
+    with open(paths[split], 'w') as f:
+      f.writelines(json.dumps(record) + '\n' for record in records)
+  with open(marker, 'w') as f:
+    json.dump(options, f)
+  return paths
+
+
+def tokenizer_corpus(jsonl_paths: Iterable[str]) -> Iterator[str]:
+  """Yields the texts of LLaVA JSONL files as the chat template shows them, for BPE training.
+
+  Each turn becomes "user:\n..." or "assistant:\n..." with `<image>` placeholders removed
+  (the image token is a special token, added to the vocabulary separately).
+  """
+  for path in jsonl_paths:
+    with open(path) as f:
+      for line in f:
+        if not line.strip():
+          continue
+        for turn in json.loads(line).get('conversations', []):
+          role = conversation.ROLES.get(turn.get('from'), 'user')
+          text = str(turn.get('value', '')).replace(conversation.IMAGE_PLACEHOLDER, '')
+          yield f'{role}:\n{text.strip()}'

@@ -1,0 +1,149 @@
+"""A parsed record -> one fixed-size training example (numpy), and the checks before it.
+
+An example holds, for sequence length `seq_len` and up to `max_images` images:
+  input_ids       int32   [seq_len]   right-padded with the pad id
+  targets         int32   [seq_len]   input_ids shifted left by one, pad at the end
+  loss_mask       float32 [seq_len]   1 where targets[t] is an assistant token
+  attention_mask  int32   [seq_len]   1 for real tokens
+  positions       int32   [seq_len]   0..num_tokens-1, 0 on padding
+  images          float32 [max_images, H, W, 3]  zeros in unused slots
+  num_images      int32   []
+A record comes from `jsonl.parse_record` (images as `image_paths`) or from an in-memory source
+(images as encoded `image_bytes`).
+"""
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from openvlm_jax.data import conversation
+from openvlm_jax.data import images as images_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+  """How records become examples: tokenizer, image preprocessing and fixed sizes."""
+
+  tokenizer: Any
+  image_size: int
+  image_mean: tuple[float, ...]
+  image_std: tuple[float, ...]
+  num_image_tokens: int
+  seq_len: int
+  max_images: int
+
+  @property
+  def pad_id(self) -> int:
+    """The tokenizer's pad id (its eos id if it has no pad token)."""
+    pad_id = self.tokenizer.pad_token_id
+    return self.tokenizer.eos_token_id if pad_id is None else pad_id
+
+
+def _num_images(record: dict[str, Any]) -> int:
+  return len(record.get('image_paths') or record.get('image_bytes') or [])
+
+
+def encode_tokens(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
+  """Tokenizes a record's conversation and checks it fits.
+
+  Returns:
+    `input_ids`, `loss_mask` int32 [num_tokens].
+
+  Raises:
+    ValueError: (without file:line; callers add it) for a bad conversation, too many images
+      or more than `seq_len` tokens.
+  """
+  num_images = _num_images(record)
+  if num_images > spec.max_images:
+    raise ValueError(f'{num_images} images, more than max_images={spec.max_images}')
+  tokens = conversation.encode_conversation(
+      record['conversations'],
+      tokenizer=spec.tokenizer,
+      num_images=num_images,
+      num_image_tokens=spec.num_image_tokens,
+  )
+  num_tokens = len(tokens['input_ids'])
+  if num_tokens > spec.seq_len:
+    raise ValueError(f'{num_tokens} tokens, longer than seq_len={spec.seq_len}')
+  return tokens
+
+
+def check_record(
+    record: dict[str, Any], spec: ExampleSpec, decode_images: bool = False
+) -> None:
+  """Validates a record: its conversation encodes and fits, its image files are sound.
+
+  Images are checked with Pillow's cheap `verify()`, or decoded fully if `decode_images`.
+
+  Raises:
+    ValueError: with the reason (no file:line; callers add it).
+  """
+  encode_tokens(record, spec)
+  for path_or_bytes in (record.get('image_paths') or []) + (record.get('image_bytes') or []):
+    images_lib.verify_image(path_or_bytes, full_decode=decode_images)
+
+
+def _load_images(record: dict[str, Any], spec: ExampleSpec) -> np.ndarray:
+  """Returns float32 [max_images, H, W, 3], zeros after the record's own images."""
+  size = spec.image_size
+  pixels = np.zeros((spec.max_images, size, size, 3), dtype=np.float32)
+  kwargs = {'image_size': size, 'image_mean': spec.image_mean, 'image_std': spec.image_std}
+  for slot, path in enumerate(record.get('image_paths') or []):
+    pixels[slot] = images_lib.load_image(path, **kwargs)
+  for slot, data in enumerate(record.get('image_bytes') or []):
+    pixels[slot] = images_lib.decode_image_bytes(data, **kwargs)
+  return pixels
+
+
+def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
+  """Encodes one record into a fixed-size example (see the module docstring for fields).
+
+  Raises:
+    ValueError: `"path:line: reason"` when the record cannot be encoded.
+  """
+  try:
+    tokens = encode_tokens(record, spec)
+    pixels = _load_images(record, spec)
+  except ValueError as error:
+    raise ValueError(f"{record.get('where', '?')}: {error}") from error
+  num_tokens = len(tokens['input_ids'])
+  seq_len = spec.seq_len
+  input_ids = np.full((seq_len,), spec.pad_id, dtype=np.int32)
+  input_ids[:num_tokens] = tokens['input_ids']
+  targets = np.full((seq_len,), spec.pad_id, dtype=np.int32)
+  targets[:num_tokens - 1] = tokens['input_ids'][1:]
+  loss_mask = np.zeros((seq_len,), dtype=np.float32)
+  loss_mask[:num_tokens - 1] = tokens['loss_mask'][1:]
+  attention_mask = np.zeros((seq_len,), dtype=np.int32)
+  attention_mask[:num_tokens] = 1
+  positions = np.zeros((seq_len,), dtype=np.int32)
+  positions[:num_tokens] = np.arange(num_tokens, dtype=np.int32)
+  return {
+      'input_ids': input_ids,
+      'targets': targets,
+      'loss_mask': loss_mask,
+      'attention_mask': attention_mask,
+      'positions': positions,
+      'images': pixels,
+      'num_images': np.asarray(_num_images(record), dtype=np.int32),
+  }
+
+
+def empty_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
+  """An all-padding example (no tokens, no images, zero loss), for padding eval batches."""
+  seq_len, size = spec.seq_len, spec.image_size
+  return {
+      'input_ids': np.full((seq_len,), spec.pad_id, dtype=np.int32),
+      'targets': np.full((seq_len,), spec.pad_id, dtype=np.int32),
+      'loss_mask': np.zeros((seq_len,), dtype=np.float32),
+      'attention_mask': np.zeros((seq_len,), dtype=np.int32),
+      'positions': np.zeros((seq_len,), dtype=np.int32),
+      'images': np.zeros((spec.max_images, size, size, 3), dtype=np.float32),
+      'num_images': np.asarray(0, dtype=np.int32),
+  }
+
+
+def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Stacks examples into a batch: each field gains a leading [batch] axis."""
+  return {key: np.stack([example[key] for example in examples]) for key in examples[0]}

@@ -1,0 +1,115 @@
+"""Image decoding and preprocessing for the vision tower (Pillow + numpy only)."""
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def preprocess_image(
+    image: Image.Image,
+    *,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> np.ndarray:
+  """Resizes, center-crops and normalises a Pillow image, as CLIP's image processor does.
+
+  The shortest side is resized to `image_size` (bicubic), the center square is cropped, pixel
+  values are scaled to [0, 1] and normalised per channel: (x - mean) / std.
+
+  Returns:
+    float32 [image_size, image_size, 3].
+  """
+  image = image.convert('RGB')
+  width, height = image.size
+  scale = image_size / min(width, height)
+  new_width = max(image_size, round(width * scale))
+  new_height = max(image_size, round(height * scale))
+  if (new_width, new_height) != (width, height):
+    image = image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
+  left = (new_width - image_size) // 2
+  top = (new_height - image_size) // 2
+  image = image.crop((left, top, left + image_size, top + image_size))
+  pixels = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
+  mean = np.asarray(image_mean, dtype=np.float32)
+  std = np.asarray(image_std, dtype=np.float32)
+  return (pixels - mean) / std
+
+
+def load_image(
+    path: str,
+    *,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> np.ndarray:
+  """Reads an image file and preprocesses it (see `preprocess_image`).
+
+  Returns:
+    float32 [image_size, image_size, 3].
+
+  Raises:
+    ValueError: naming the file, if it is missing or cannot be decoded.
+  """
+  try:
+    with Image.open(path) as image:
+      image.load()
+      return preprocess_image(
+          image, image_size=image_size, image_mean=image_mean, image_std=image_std)
+  except FileNotFoundError as error:
+    raise ValueError(f'image not found: {path}') from error
+  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+    raise ValueError(f'cannot decode image {path}: {error}') from error
+
+
+def decode_image_bytes(
+    data: bytes,
+    *,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> np.ndarray:
+  """Decodes encoded image bytes (PNG, JPEG, ...) and preprocesses them.
+
+  Returns:
+    float32 [image_size, image_size, 3].
+
+  Raises:
+    ValueError: if the bytes cannot be decoded.
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      return preprocess_image(
+          image, image_size=image_size, image_mean=image_mean, image_std=image_std)
+  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+    raise ValueError(f'cannot decode image bytes: {error}') from error
+
+
+def verify_image(path: str | bytes, full_decode: bool = False) -> None:
+  """Checks that `path` exists and holds a decodable image.
+
+  By default this is Pillow's cheap `verify()` (headers and, for PNG, chunk checksums; a
+  truncated JPEG passes it). `full_decode=True` decodes all pixels, which catches everything
+  but costs as much as reading the image.
+
+  Args:
+    path: an image file, or encoded image bytes.
+    full_decode: decode all pixels.
+
+  Raises:
+    ValueError: naming the file, if it is missing or corrupt.
+  """
+  name = 'bytes' if isinstance(path, bytes) else path
+  try:
+    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
+      if full_decode:
+        image.load()
+      else:
+        image.verify()
+  except FileNotFoundError as error:
+    raise ValueError(f'image not found: {path}') from error
+  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+    raise ValueError(f'cannot decode image {name}: {error}') from error

@@ -1,0 +1,301 @@
+"""The Grain input pipeline: validated JSONL records -> shuffled, sharded numpy batches.
+
+Bad records are found up front: `load_records` reads this process's share of the lines once,
+in the main process, and checks each (JSON, fields, image paths and files, conversation,
+token length). Depending on `on_bad_record` it stops with `path:line: reason` or drops the
+record, counts it in a `BadRecords` report and logs the total and the first offenders. The
+map that builds examples therefore does not expect failures; if one happens anyway (a file
+changed under us), it raises or, with 'skip', logs `path:line: reason` and drops the record.
+
+Checkpointing the iterator (what the trainer does with Orbax):
+  import grain, orbax.checkpoint as ocp
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(train_iter)))
+  manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state),
+      data=grain.checkpoint.CheckpointRestore(train_iter)))  # restores train_iter in place
+Without Orbax, `train_iter.get_state()` / `train_iter.set_state(state)` do the same.
+"""
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from openvlm_jax.data import examples as examples_lib
+from openvlm_jax.data import jsonl
+
+_MAX_LOGGED_OFFENDERS = 10
+
+
+@dataclasses.dataclass
+class BadRecords:
+  """Records dropped with on_bad_record='skip': how many, and the first few `path:line: why`."""
+
+  count: int = 0
+  total: int = 0  # records examined
+  first_offenders: list[str] = dataclasses.field(default_factory=list)
+
+  def add(self, message: str) -> None:
+    """Counts one dropped record; keeps its message if it is among the first few."""
+    self.count += 1
+    if len(self.first_offenders) < _MAX_LOGGED_OFFENDERS:
+      self.first_offenders.append(message)
+
+  def summary(self) -> str:
+    """A human-readable report, e.g. for the trainer's log."""
+    lines = [f'skipped {self.count} of {self.total} records']
+    lines += [f'  {message}' for message in self.first_offenders]
+    if self.count > len(self.first_offenders):
+      lines.append(f'  ... and {self.count - len(self.first_offenders)} more')
+    return '\n'.join(lines)
+
+
+def _check_policy(on_bad_record: str) -> None:
+  if on_bad_record not in ('skip', 'raise'):
+    raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {on_bad_record!r}")
+
+
+class SubsetSource:
+  """The records of `source` at `indices`, in that order (a Grain random-access source)."""
+
+  def __init__(self, source: Any, indices: Sequence[int]):
+    """`source` needs `__len__`, `__getitem__` and `where(index)`."""
+    self._source = source
+    self._indices = np.asarray(indices, dtype=np.int64)  # [num_records]
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._source[int(self._indices[index])]
+
+  def where(self, index: int) -> str:
+    """Where record `index` comes from, e.g. `path:line`."""
+    return self._source.where(int(self._indices[index]))
+
+  def __repr__(self) -> str:
+    return f'SubsetSource({self._source!r}, num_records={len(self)})'
+
+
+def _as_source(data: Sequence[str] | str | Any) -> Any:
+  """JSONL path(s) -> an indexed `jsonl.JsonlSource`; a source object is returned as is."""
+  if isinstance(data, (str, os.PathLike)):
+    data = [data]
+  if isinstance(data, (list, tuple)):
+    if not data:
+      raise ValueError('no data files given')
+    return jsonl.index_jsonl([os.fspath(path) for path in data])
+  return data
+
+
+def load_records(
+    data: Sequence[str] | Any,
+    spec: examples_lib.ExampleSpec,
+    *,
+    on_bad_record: str = 'skip',
+    shard_index: int = 0,
+    shard_count: int = 1,
+    bad_records: BadRecords | None = None,
+    decode_images: bool = False,
+) -> SubsetSource:
+  """Validates this shard's records; returns a source of the good ones.
+
+  Record i (non-blank lines across the files, in order) belongs to shard `i % shard_count`,
+  so shards are disjoint and together cover the data. Only this shard's records are read
+  and checked (see `examples.check_record`).
+
+  Args:
+    data: LLaVA JSONL paths, or a record source such as `tfds_source.TfdsSource`.
+    spec: tokenizer, sizes and image preprocessing.
+    on_bad_record: 'raise' stops at the first bad record with `path:line: reason`; 'skip'
+      drops it and counts it in `bad_records` (logged via absl.logging).
+    shard_index, shard_count: this process's share, e.g. `jax.process_index()`,
+      `jax.process_count()`.
+    bad_records: filled with the skipped records, if given.
+    decode_images: decode every image fully while validating (slower; catches e.g. truncated
+      JPEGs, which Pillow's cheap `verify()` lets through).
+
+  Returns:
+    A `SubsetSource` over the records that passed.
+  """
+  _check_policy(on_bad_record)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'shard_index={shard_index} is not in [0, shard_count={shard_count})')
+  source = _as_source(data)
+  bad_records = BadRecords() if bad_records is None else bad_records
+  kept = []
+  for index in range(shard_index, len(source), shard_count):
+    bad_records.total += 1
+    try:
+      record = source[index]  # raises with its location
+      try:
+        examples_lib.check_record(record, spec, decode_images)
+      except ValueError as error:
+        raise ValueError(f'{source.where(index)}: {error}') from error
+    except ValueError as error:
+      if on_bad_record == 'raise':
+        raise
+      bad_records.add(str(error))
+      continue
+    kept.append(index)
+  if bad_records.count:
+    logging.warning('Data (shard %d/%d): %s', shard_index, shard_count, bad_records.summary())
+  else:
+    logging.info('Data (shard %d/%d): %d records, none skipped.', shard_index, shard_count,
+                 bad_records.total)
+  if not kept:
+    raise ValueError(f'no usable records in {source!r} for shard {shard_index}/{shard_count}')
+  return SubsetSource(source, kept)
+
+
+def _example_or_skip(
+    record: dict[str, Any], spec: examples_lib.ExampleSpec, on_bad_record: str
+) -> dict[str, Any] | None:
+  """`make_example`, or None (dropped downstream, logged) on failure under 'skip'."""
+  try:
+    return examples_lib.make_example(record, spec)
+  except ValueError as error:
+    if on_bad_record == 'raise':
+      raise
+    logging.error('Skipping a bad record found while reading: %s', error)
+    return None
+
+
+def make_dataset(
+    files: Sequence[str] | Any,
+    *,
+    tokenizer: Any,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    num_image_tokens: int,
+    seq_len: int,
+    max_images: int,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+    num_threads: int = 2,
+    on_bad_record: str = 'skip',
+    shard_index: int = 0,
+    shard_count: int = 1,
+    drop_remainder: bool = True,
+    bad_records: BadRecords | None = None,
+    decode_images: bool = False,
+) -> grain.IterDataset:
+  """Builds the Grain dataset of batches for this process (see `make_iterator`)."""
+  spec = examples_lib.ExampleSpec(
+      tokenizer=tokenizer,
+      image_size=image_size,
+      image_mean=tuple(image_mean),
+      image_std=tuple(image_std),
+      num_image_tokens=num_image_tokens,
+      seq_len=seq_len,
+      max_images=max_images,
+  )
+  source = load_records(
+      files, spec, on_bad_record=on_bad_record, shard_index=shard_index,
+      shard_count=shard_count, bad_records=bad_records, decode_images=decode_images)
+  dataset = grain.MapDataset.source(source)
+  if shuffle:
+    dataset = dataset.shuffle(seed=seed)  # a new order each epoch, derived from the seed
+  if num_epochs != 1:
+    dataset = dataset.repeat(num_epochs)  # None: forever
+  dataset = dataset.map(
+      functools.partial(_example_or_skip, spec=spec, on_bad_record=on_bad_record))
+  # Records mapped to None (skipped) are dropped here.
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))
+  if worker_count > 0:
+    # Examples are batched after the workers so the batches do not depend on worker_count.
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return dataset.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator:
+  """Returns a checkpointable iterator over training batches of this process's shard.
+
+  Args:
+    files: LLaVA JSONL paths (image paths inside are relative to each file's folder), or a
+      record source such as `tfds_source.TfdsSource`.
+    **kwargs: as `make_dataset`: tokenizer, image_size, image_mean, image_std,
+      num_image_tokens, seq_len, max_images, batch_size (per process), shuffle, seed,
+      num_epochs (None = repeat forever), worker_count (0 = read in this process),
+      num_threads, on_bad_record ('skip' | 'raise'), shard_index, shard_count,
+      drop_remainder, bad_records (a `BadRecords` to fill), decode_images (see
+      `load_records`).
+
+  Returns:
+    A `grain.DatasetIterator` yielding dicts of numpy arrays:
+      input_ids int32, targets int32, loss_mask float32, attention_mask int32,
+      positions int32 [batch, seq_len]; images float32 [batch, max_images, H, W, 3];
+      num_images int32 [batch].
+    It has `get_state()` / `set_state()` and works with `grain.checkpoint.CheckpointSave`.
+    Call `close()` when done if worker_count > 0.
+  """
+  return iter(make_dataset(files, **kwargs))
+
+
+def make_eval_batches(
+    files: Sequence[str] | Any,
+    *,
+    tokenizer: Any,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    num_image_tokens: int,
+    seq_len: int,
+    max_images: int,
+    batch_size: int,
+    on_bad_record: str = 'skip',
+    shard_index: int = 0,
+    shard_count: int = 1,
+    bad_records: BadRecords | None = None,
+    decode_images: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Yields every (good) record of this shard once, in file order, in batches.
+
+  The last batch is padded with empty examples; `example_mask` float32 [batch] is 1 for real
+  rows and 0 for padding. Other fields are as in `make_iterator`. Row order is file order of
+  the records that passed validation (see `load_records`).
+  """
+  spec = examples_lib.ExampleSpec(
+      tokenizer=tokenizer,
+      image_size=image_size,
+      image_mean=tuple(image_mean),
+      image_std=tuple(image_std),
+      num_image_tokens=num_image_tokens,
+      seq_len=seq_len,
+      max_images=max_images,
+  )
+  source = load_records(
+      files, spec, on_bad_record=on_bad_record, shard_index=shard_index,
+      shard_count=shard_count, bad_records=bad_records, decode_images=decode_images)
+  rows = []
+  for index in range(len(source)):
+    example = _example_or_skip(source[index], spec, on_bad_record)
+    if example is None:
+      continue
+    rows.append(example)
+    if len(rows) == batch_size:
+      yield _eval_batch(rows, spec, batch_size)
+      rows = []
+  if rows:
+    yield _eval_batch(rows, spec, batch_size)
+
+
+def _eval_batch(
+    rows: list[dict[str, np.ndarray]], spec: examples_lib.ExampleSpec, batch_size: int
+) -> dict[str, np.ndarray]:
+  """Pads `rows` to `batch_size` with empty examples and adds `example_mask`."""
+  num_real = len(rows)
+  rows = rows + [examples_lib.empty_example(spec)] * (batch_size - num_real)
+  batch = examples_lib.stack_examples(rows)
+  batch['example_mask'] = (np.arange(batch_size) < num_real).astype(np.float32)  # [batch]
+  return batch

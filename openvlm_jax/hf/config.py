@@ -1,0 +1,267 @@
+"""Hugging Face `config.json` <-> our model configs (`models/config.py`).
+
+Reading goes through transformers' own config classes, so missing keys take the library's
+defaults and legacy spellings (`rope_theta`/`rope_scaling`) are normalised into
+`rope_parameters` by the library.
+"""
+
+import dataclasses
+from typing import Any
+
+import transformers
+from absl import logging
+
+from openvlm_jax.models.config import LLMConfig, RopeScaling, VisionConfig, VLMConfig
+
+TEXT_MODEL_TYPES = ('llama', 'qwen2', 'mistral')
+VISION_MODEL_TYPES = ('clip_vision_model', 'siglip_vision_model')
+# Full CLIP/SigLIP models (text + vision); only their vision half is used.
+DUAL_ENCODER_TYPES = ('clip', 'siglip')
+
+HFConfig = dict | transformers.PretrainedConfig
+
+
+def _as_hf_config(config: HFConfig) -> transformers.PretrainedConfig:
+  """A transformers config object from a config.json dict (or the object itself)."""
+  if isinstance(config, transformers.PretrainedConfig):
+    return config
+  config = dict(config)
+  model_type = config.pop('model_type', None)
+  if model_type is None:
+    raise ValueError(f"config has no 'model_type': {sorted(config)}")
+  return transformers.AutoConfig.for_model(model_type, **config)
+
+
+def _rope(text_config: transformers.PretrainedConfig) -> tuple[float, RopeScaling | None]:
+  """(rope_theta, llama3 scaling or None) of a decoder config."""
+  params = getattr(text_config, 'rope_parameters', None) or {}
+  theta = params.get('rope_theta', getattr(text_config, 'rope_theta', 10000.0))
+  rope_type = params.get('rope_type', params.get('type', 'default'))
+  if rope_type == 'default':
+    return float(theta), None
+  if rope_type == 'llama3':
+    return float(theta), RopeScaling(
+        factor=float(params['factor']),
+        low_freq_factor=float(params['low_freq_factor']),
+        high_freq_factor=float(params['high_freq_factor']),
+        original_max_position_embeddings=int(params['original_max_position_embeddings']),
+    )
+  raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' and 'llama3'")
+
+
+def llm_config_from_hf(config: HFConfig) -> LLMConfig:
+  """LLMConfig of a llama | qwen2 | mistral config (a bare *ForCausalLM or a text_config)."""
+  config = _as_hf_config(config)
+  if config.model_type not in TEXT_MODEL_TYPES:
+    raise ValueError(f'text model_type {config.model_type!r} is not one of {TEXT_MODEL_TYPES}')
+  if getattr(config, 'mlp_bias', False):
+    raise ValueError('mlp_bias=True is not supported')
+  if config.model_type == 'mistral' and getattr(config, 'sliding_window', None):
+    logging.warning(
+        'mistral sliding_window=%s is ignored: attention is full over the sequence',
+        config.sliding_window,
+    )
+  theta, scaling = _rope(config)
+  num_heads = config.num_attention_heads
+  head_dim = getattr(config, 'head_dim', None) or config.hidden_size // num_heads
+  qkv_bias = config.model_type == 'qwen2' or bool(getattr(config, 'attention_bias', False))
+  return LLMConfig(
+      vocab_size=config.vocab_size,
+      hidden_size=config.hidden_size,
+      intermediate_size=config.intermediate_size,
+      num_layers=config.num_hidden_layers,
+      num_heads=num_heads,
+      num_kv_heads=getattr(config, 'num_key_value_heads', None) or num_heads,
+      head_dim=None if head_dim == config.hidden_size // num_heads else head_dim,
+      rope_theta=theta,
+      rope_scaling=scaling,
+      rms_norm_eps=float(config.rms_norm_eps),
+      qkv_bias=qkv_bias,
+      tie_embeddings=bool(config.tie_word_embeddings),
+      max_position_embeddings=config.max_position_embeddings,
+  )
+
+
+def vision_config_from_hf(
+    config: HFConfig,
+    *,
+    feature_layer: int | None = None,
+    feature_select: str | None = None,
+    preprocessor: dict | None = None,
+) -> VisionConfig:
+  """VisionConfig of a CLIP/SigLIP vision config (or a full CLIP/SigLIP model's).
+
+  `feature_layer`/`feature_select` default to LLaVA's choices: CLIP reads layer -2 without
+  the class token, SigLIP the last layer with every patch. `preprocessor` is a
+  preprocessor_config.json dict; its image_mean/image_std are used when present (otherwise
+  the CLIP or SigLIP defaults).
+  """
+  config = _as_hf_config(config)
+  if config.model_type in DUAL_ENCODER_TYPES:
+    config = config.vision_config
+  if config.model_type not in VISION_MODEL_TYPES:
+    raise ValueError(f'vision model_type {config.model_type!r} is not one of {VISION_MODEL_TYPES}')
+  kind = 'clip' if config.model_type == 'clip_vision_model' else 'siglip'
+  if feature_layer is None:
+    feature_layer = -2 if kind == 'clip' else -1
+  if feature_select is None:
+    feature_select = 'default' if kind == 'clip' else 'full'
+  if kind == 'siglip' and feature_select == 'default':
+    raise ValueError(
+        "vision_feature_select_strategy='default' drops the first token, which for SigLIP (no "
+        "class token) is an image patch; only 'full' is supported with SigLIP"
+    )
+  if kind == 'clip':
+    mean, std = VisionConfig.image_mean, VisionConfig.image_std
+  else:
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+  preprocessor = preprocessor or {}
+  mean = tuple(float(x) for x in preprocessor.get('image_mean', mean))
+  std = tuple(float(x) for x in preprocessor.get('image_std', std))
+  return VisionConfig(
+      kind=kind,
+      image_size=config.image_size,
+      patch_size=config.patch_size,
+      hidden_size=config.hidden_size,
+      intermediate_size=config.intermediate_size,
+      num_layers=config.num_hidden_layers,
+      num_heads=config.num_attention_heads,
+      layer_norm_eps=float(config.layer_norm_eps),
+      hidden_act=config.hidden_act,
+      feature_layer=feature_layer,
+      feature_select=feature_select,
+      image_mean=mean,
+      image_std=std,
+  )
+
+
+def vlm_config_from_hf(
+    config: HFConfig, preprocessor: dict | None = None, **overrides: Any
+) -> VLMConfig:
+  """VLMConfig of a LlavaConfig; `overrides` set VLMConfig fields (dtype, remat, ...)."""
+  config = _as_hf_config(config)
+  if config.model_type != 'llava':
+    raise ValueError(f"expected model_type 'llava', got {config.model_type!r}")
+  try:
+    feature_layer = int(config.vision_feature_layer)
+  except TypeError:
+    raise ValueError(
+        f'vision_feature_layer={config.vision_feature_layer!r}: only one layer is supported'
+    ) from None
+  if config.projector_hidden_act != 'gelu':
+    raise ValueError(
+        f"projector_hidden_act {config.projector_hidden_act!r} is not supported; only 'gelu'"
+    )
+  llm = llm_config_from_hf(config.text_config)
+  if llm.tie_embeddings != bool(config.tie_word_embeddings):
+    llm = dataclasses.replace(llm, tie_embeddings=bool(config.tie_word_embeddings))
+  image_token_id = getattr(config, 'image_token_id', None)
+  if image_token_id is None:
+    image_token_id = config.image_token_index
+  return VLMConfig(
+      llm=llm,
+      vision=vision_config_from_hf(
+          config.vision_config,
+          feature_layer=feature_layer,
+          feature_select=config.vision_feature_select_strategy,
+          preprocessor=preprocessor,
+      ),
+      projector='mlp2x_gelu',
+      projector_bias=bool(getattr(config, 'multimodal_projector_bias', True)),
+      image_token_id=int(image_token_id),
+      **overrides,
+  )
+
+
+def config_from_hf(
+    config: HFConfig, preprocessor: dict | None = None
+) -> VLMConfig | LLMConfig | VisionConfig:
+  """Our config of any supported checkpoint config: LLaVA, a decoder, or a vision encoder."""
+  config = _as_hf_config(config)
+  if config.model_type == 'llava':
+    return vlm_config_from_hf(config, preprocessor)
+  if config.model_type in TEXT_MODEL_TYPES:
+    return llm_config_from_hf(config)
+  if config.model_type in VISION_MODEL_TYPES + DUAL_ENCODER_TYPES:
+    return vision_config_from_hf(config, preprocessor=preprocessor)
+  raise ValueError(f'unsupported model_type {config.model_type!r}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours -> Hugging Face
+# ---------------------------------------------------------------------------------------------
+
+
+def llm_config_to_hf(config: LLMConfig) -> transformers.PretrainedConfig:
+  """A Qwen2Config (when q/k/v have biases) or a LlamaConfig for our decoder config."""
+  rope = {'rope_type': 'default', 'rope_theta': config.rope_theta}
+  if config.rope_scaling is not None:
+    scaling = config.rope_scaling
+    rope.update(
+        rope_type='llama3',
+        factor=scaling.factor,
+        low_freq_factor=scaling.low_freq_factor,
+        high_freq_factor=scaling.high_freq_factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings,
+    )
+  common = {
+      'vocab_size': config.vocab_size,
+      'hidden_size': config.hidden_size,
+      'intermediate_size': config.intermediate_size,
+      'num_hidden_layers': config.num_layers,
+      'num_attention_heads': config.num_heads,
+      'num_key_value_heads': config.num_kv_heads,
+      'head_dim': config.resolved_head_dim,
+      'rms_norm_eps': config.rms_norm_eps,
+      'tie_word_embeddings': config.tie_embeddings,
+      'max_position_embeddings': config.max_position_embeddings,
+      'rope_parameters': rope,
+  }
+  if config.qkv_bias:
+    if config.rope_scaling is not None:
+      raise ValueError('llama3 rope scaling with q/k/v biases has no Hugging Face equivalent')
+    return transformers.Qwen2Config(**common)
+  return transformers.LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+
+
+def vision_config_to_hf(config: VisionConfig) -> transformers.PretrainedConfig:
+  """A CLIPVisionConfig or SiglipVisionConfig (without SigLIP's pooling head)."""
+  common = {
+      'image_size': config.image_size,
+      'patch_size': config.patch_size,
+      'hidden_size': config.hidden_size,
+      'intermediate_size': config.intermediate_size,
+      'num_hidden_layers': config.num_layers,
+      'num_attention_heads': config.num_heads,
+      'layer_norm_eps': config.layer_norm_eps,
+      'hidden_act': config.hidden_act,
+  }
+  if config.kind == 'clip':
+    return transformers.CLIPVisionConfig(**common)
+  return transformers.SiglipVisionConfig(**common, vision_use_head=False)
+
+
+def vlm_config_to_hf(config: VLMConfig) -> transformers.LlavaConfig:
+  """A LlavaConfig for our VLM config (mlp2x_gelu projector only, as in transformers)."""
+  if config.projector != 'mlp2x_gelu':
+    raise ValueError(
+        f"projector {config.projector!r} has no LlavaForConditionalGeneration equivalent; "
+        "only 'mlp2x_gelu' exports"
+    )
+  vision = config.vision
+  feature_select = vision.feature_select
+  if vision.kind == 'siglip':
+    feature_select = 'full'  # Ours keeps every SigLIP patch; HF's 'default' would drop one.
+  llava = transformers.LlavaConfig(
+      text_config=llm_config_to_hf(config.llm),
+      vision_config=vision_config_to_hf(vision),
+      image_token_index=config.image_token_id,
+      projector_hidden_act='gelu',
+      vision_feature_layer=vision.feature_layer,
+      vision_feature_select_strategy=feature_select,
+      multimodal_projector_bias=config.projector_bias,
+      image_seq_length=vision.num_image_tokens,
+      tie_word_embeddings=config.llm.tie_embeddings,
+  )
+  llava.architectures = ['LlavaForConditionalGeneration']
+  return llava

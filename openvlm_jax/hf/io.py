@@ -1,0 +1,333 @@
+"""Read and write Hugging Face checkpoint folders (config.json + safetensors).
+
+Reading goes tensor by tensor through `safetensors.safe_open`, so with `shardings` each
+parameter is put on its devices as soon as it is assembled and the host holds about one
+parameter at a time. Only safetensors are read: no pickle, no remote code.
+"""
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import transformers
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from openvlm_jax.hf import config as hf_config
+from openvlm_jax.hf import convert
+from openvlm_jax.models import layers as model_layers
+from openvlm_jax.models.config import LLMConfig, VisionConfig, VLMConfig
+from openvlm_jax.models.projector import Projector
+
+INDEX_FILE = 'model.safetensors.index.json'
+SAVE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+
+
+class SafetensorsReader(Mapping):
+  """Lazy mapping HF tensor name -> numpy array over a folder's safetensors files.
+
+  Handles one `model.safetensors`, a sharded set with `model.safetensors.index.json`, or any
+  `*.safetensors` files. bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays.
+  """
+
+  def __init__(self, folder: str | os.PathLike):
+    folder = Path(folder)
+    index_path = folder / INDEX_FILE
+    if index_path.exists():
+      weight_map = json.loads(index_path.read_text())['weight_map']
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(path.name for path in folder.glob('*.safetensors'))
+      weight_map = None
+    if not files:
+      raise ValueError(f'{folder}: no *.safetensors files (only safetensors are supported)')
+    self._handles = {name: safe_open(folder / name, framework='numpy') for name in files}
+    if weight_map is None:
+      weight_map = {}
+      for name, handle in self._handles.items():
+        weight_map.update(dict.fromkeys(handle.keys(), name))
+    self._file_of = weight_map
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    return self._handles[self._file_of[name]].get_tensor(name)
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._file_of)
+
+  def __len__(self) -> int:
+    return len(self._file_of)
+
+
+def _read_json(path: Path) -> dict | None:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _placer(shardings: Any, root: tuple[str, ...] = ()) -> convert.PlaceFn:
+  """place(path, array): `jax.device_put` with the sharding at root + path, if any."""
+
+  def place(path, array):
+    sharding = None
+    if shardings is not None:
+      sharding = shardings
+      for key in root + path:
+        sharding = sharding[key]
+    return jax.device_put(array, sharding)
+
+  return place
+
+
+def load_pretrained(
+    folder: str | os.PathLike, *, shardings: Any = None, **overrides: Any
+) -> tuple[VLMConfig | LLMConfig | VisionConfig, dict]:
+  """Loads a Hugging Face checkpoint folder into our config and unboxed params.
+
+  Args:
+    folder: holds config.json (LLaVA, Llama/Qwen2/Mistral, or CLIP/SigLIP vision), the
+      safetensors, and optionally preprocessor_config.json (image mean/std).
+    shardings: optional pytree of `jax.sharding.Sharding` matching the params; each
+      parameter is placed with it as soon as it is read.
+    **overrides: VLMConfig fields for a LLaVA checkpoint (dtype, remat, scan_layers, ...).
+
+  Returns:
+    (config, params): params is {'vision', 'projector', 'llm'} for LLaVA, else the bare
+    decoder's or vision tower's params (scanned layers).
+  """
+  folder = Path(folder)
+  raw_config = _read_json(folder / 'config.json')
+  if raw_config is None:
+    raise ValueError(f'{folder}: config.json is missing')
+  preprocessor = _read_json(folder / 'preprocessor_config.json')
+  if raw_config.get('model_type') == 'llava':
+    config = hf_config.vlm_config_from_hf(raw_config, preprocessor, **overrides)
+  elif overrides:
+    raise ValueError(f'config overrides {sorted(overrides)} apply to LLaVA checkpoints only')
+  else:
+    config = hf_config.config_from_hf(raw_config, preprocessor)
+  params = convert.hf_to_params(SafetensorsReader(folder), config, place=_placer(shardings))
+  return config, params
+
+
+def load_llm_and_vision(
+    llm_folder: str | os.PathLike,
+    vision_folder: str | os.PathLike,
+    *,
+    image_token_id: int,
+    rng: jax.Array,
+    projector: str = 'mlp2x_gelu',
+    shardings: Any = None,
+    **overrides: Any,
+) -> tuple[VLMConfig, dict]:
+  """A VLM from a pretrained decoder and a pretrained vision encoder, with a fresh projector.
+
+  This is the stage-1 (projector pre-training) starting point of LLaVA.
+
+  Args:
+    llm_folder: a Llama/Qwen2/Mistral *ForCausalLM checkpoint folder.
+    vision_folder: a CLIP/SigLIP (vision) checkpoint folder.
+    image_token_id: id of the image placeholder token in the decoder's vocabulary.
+    rng: key for the projector's initialisation.
+    projector: 'mlp2x_gelu' | 'linear'.
+    shardings: optional pytree of shardings matching {'vision', 'projector', 'llm'}.
+    **overrides: other VLMConfig fields (dtype, remat, projector_bias, ...).
+
+  Returns:
+    (VLMConfig, params).
+  """
+  llm_folder, vision_folder = Path(llm_folder), Path(vision_folder)
+  llm_config = hf_config.llm_config_from_hf(_read_json(llm_folder / 'config.json'))
+  vision_config = hf_config.vision_config_from_hf(
+      _read_json(vision_folder / 'config.json'),
+      preprocessor=_read_json(vision_folder / 'preprocessor_config.json'),
+  )
+  config = VLMConfig(
+      llm=llm_config, vision=vision_config, projector=projector,
+      image_token_id=image_token_id, **overrides,
+  )
+  params = {}
+  for name, folder, part_config in (
+      ('llm', llm_folder, llm_config), ('vision', vision_folder, vision_config)
+  ):
+    params[name] = convert.hf_to_params(
+        SafetensorsReader(folder), part_config, scan_layers=config.scan_layers,
+        param_dtype=config.param_dtype, place=_placer(shardings, (name,)),
+    )
+  projector_module = Projector(
+      projector, llm_config.hidden_size, use_bias=config.projector_bias,
+      param_dtype=model_layers.to_dtype(config.param_dtype),
+  )
+  features = jnp.zeros((1, 1, vision_config.hidden_size), jnp.float32)
+  fresh = nn.unbox(projector_module.init(rng, features))['params']
+  place = _placer(shardings, ('projector',))
+  params['projector'] = jax.tree_util.tree_map_with_path(
+      lambda path, value: place(tuple(key.key for key in path), value), fresh
+  )
+  return config, params
+
+
+def parse_size(size: int | str) -> int:
+  """Bytes of a size given as an int or a string like '5GB', '200MB', '10KB'."""
+  if isinstance(size, int):
+    return size
+  match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*', size, re.IGNORECASE)
+  if not match:
+    raise ValueError(f'cannot parse size {size!r}; use e.g. 5GB or 200MB')
+  units = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9,
+           'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30}
+  return int(float(match.group(1)) * units[(match.group(2) or '').upper()])
+
+
+def save_pretrained(
+    config: VLMConfig | LLMConfig,
+    params: Mapping,
+    folder: str | os.PathLike,
+    *,
+    dtype: str = 'float32',
+    max_shard_size: int | str = '5GB',
+) -> None:
+  """Writes a folder that `LlavaForConditionalGeneration.from_pretrained` (or, for an
+  LLMConfig, `AutoModelForCausalLM.from_pretrained`) loads with no missing or unexpected keys.
+
+  Args:
+    config: our config of `params`.
+    params: unboxed params (numpy or jax arrays; scanned or unrolled layers).
+    folder: created if needed; config.json and *.safetensors are written into it.
+    dtype: 'float32' | 'bfloat16' for the stored tensors (and config.json's dtype).
+    max_shard_size: bytes (or '5GB'); larger models are split into
+      model-0000k-of-0000n.safetensors with model.safetensors.index.json.
+  """
+  if dtype not in SAVE_DTYPES:
+    raise ValueError(f'dtype {dtype!r} not one of {sorted(SAVE_DTYPES)}')
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  if isinstance(config, VLMConfig):
+    exported = hf_config.vlm_config_to_hf(config)
+  else:
+    exported = hf_config.llm_config_to_hf(config)
+    exported.architectures = [
+        'Qwen2ForCausalLM' if config.qkv_bias else 'LlamaForCausalLM'
+    ]
+  exported.dtype = dtype
+  exported.save_pretrained(folder)
+
+  limit = parse_size(max_shard_size)
+  save_dtype = SAVE_DTYPES[dtype]
+  for stale in [*folder.glob('model*.safetensors'), folder / INDEX_FILE]:
+    stale.unlink(missing_ok=True)
+  # Shards are written as they fill, under temporary names until their count is known.
+  shard_files: list[Path] = []
+  weight_map: dict[str, Path] = {}
+  shard: dict[str, np.ndarray] = {}
+  shard_bytes = total_bytes = 0
+
+  def flush():
+    path = folder / f'model-partial-{len(shard_files) + 1:05d}.safetensors'
+    save_file(shard, path, metadata={'format': 'pt'})
+    shard_files.append(path)
+    weight_map.update(dict.fromkeys(shard, path))
+
+  for name, tensor in convert.iter_hf_tensors(params, config):
+    tensor = np.ascontiguousarray(tensor.astype(save_dtype))
+    if shard and shard_bytes + tensor.nbytes > limit:
+      flush()
+      shard, shard_bytes = {}, 0
+    shard[name] = tensor
+    shard_bytes += tensor.nbytes
+    total_bytes += tensor.nbytes
+  flush()
+  if len(shard_files) == 1:
+    shard_files[0].rename(folder / 'model.safetensors')
+    return
+  final_names = {
+      path: f'model-{number:05d}-of-{len(shard_files):05d}.safetensors'
+      for number, path in enumerate(shard_files, start=1)
+  }
+  for path, final_name in final_names.items():
+    path.rename(folder / final_name)
+  index = {
+      'metadata': {'total_size': total_bytes},
+      'weight_map': {name: final_names[path] for name, path in weight_map.items()},
+  }
+  (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def save_processor(
+    folder: str | os.PathLike,
+    tokenizer: Any,
+    vision_config: VisionConfig,
+    *,
+    image_token: str = '<image>',
+) -> Any:
+  """Writes a LlavaProcessor (image processor + `tokenizer`) so `AutoProcessor` loads it.
+
+  The image processor resizes to the tower's image size and normalises with the config's
+  mean/std: CLIP-style (shortest edge + center crop) or SigLIP-style (square resize). The
+  processor expands each image token to exactly `vision_config.num_image_tokens` tokens.
+  Returns the processor.
+  """
+  size = vision_config.image_size
+  common = {
+      'image_mean': list(vision_config.image_mean),
+      'image_std': list(vision_config.image_std),
+  }
+  if vision_config.kind == 'clip':
+    image_processor = transformers.CLIPImageProcessor(
+        size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
+        do_center_crop=True, **common,
+    )
+  else:
+    image_processor = transformers.SiglipImageProcessor(
+        size={'height': size, 'width': size}, **common
+    )
+  has_class_token = vision_config.kind == 'clip'
+  processor = transformers.LlavaProcessor(
+      image_processor=image_processor,
+      tokenizer=tokenizer,
+      patch_size=vision_config.patch_size,
+      vision_feature_select_strategy=vision_config.feature_select if has_class_token else 'full',
+      num_additional_image_tokens=int(has_class_token),
+      image_token=image_token,
+  )
+  processor.save_pretrained(folder)
+  return processor
+
+
+def load_config(folder: str | os.PathLike, **overrides: Any) -> VLMConfig:
+  """The VLMConfig of a LLaVA checkpoint folder, without reading its weights."""
+  folder = Path(folder)
+  raw_config = _read_json(folder / 'config.json')
+  if raw_config is None:
+    raise ValueError(f'{folder}: config.json is missing')
+  if raw_config.get('model_type') != 'llava':
+    raise ValueError(f"{folder}/config.json: model_type {raw_config.get('model_type')!r} is not "
+                     "'llava'; for a bare decoder and vision tower use llm_from + vision_from")
+  return hf_config.vlm_config_from_hf(
+      raw_config, _read_json(folder / 'preprocessor_config.json'), **overrides)
+
+
+def load_stage1_config(llm_folder: str | os.PathLike, vision_folder: str | os.PathLike, *,
+                       image_token_id: int, projector: str = 'mlp2x_gelu',
+                       **overrides: Any) -> VLMConfig:
+  """The VLMConfig of a decoder folder plus a vision-tower folder (no weights read)."""
+  llm_folder, vision_folder = Path(llm_folder), Path(vision_folder)
+  return VLMConfig(
+      llm=hf_config.llm_config_from_hf(_read_json(llm_folder / 'config.json')),
+      vision=hf_config.vision_config_from_hf(
+          _read_json(vision_folder / 'config.json'),
+          preprocessor=_read_json(vision_folder / 'preprocessor_config.json')),
+      projector=projector, image_token_id=image_token_id, **overrides)
+
+
+def export_folder(folder: str | os.PathLike, config: VLMConfig, params: Mapping, tokenizer: Any,
+                  *, dtype: str = 'float32', max_shard_size: int | str = '5GB') -> None:
+  """A complete Hugging Face LLaVA folder: config, safetensors, tokenizer and processor."""
+  save_pretrained(config, params, folder, dtype=dtype, max_shard_size=max_shard_size)
+  image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+  save_processor(folder, tokenizer, config.vision, image_token=image_token)

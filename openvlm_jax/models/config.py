@@ -1,0 +1,87 @@
+"""Hyperparameters of the models: frozen dataclasses, hashable, so modules can hold them.
+
+These are the only configuration the modules in `models/` read. `main.py` builds them from
+the ml_collections config; `hf/` derives them from a Hugging Face `config.json`.
+"""
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Rotary-embedding frequency scaling of the llama3 kind (Llama 3.1+)."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """A Llama-family decoder (Llama, Qwen2 with q/k/v biases, Mistral)."""
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: Optional[int] = None  # None: hidden_size // num_heads
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False  # Qwen2
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 4096
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """A ViT image encoder of the CLIP kind or the SigLIP kind."""
+
+  kind: str  # 'clip' (class token, pre-layernorm) | 'siglip' (no class token, post-layernorm)
+  image_size: int
+  patch_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = 'quick_gelu'  # 'quick_gelu' | 'gelu' | 'gelu_pytorch_tanh'
+  feature_layer: int = -2  # index into hidden states (0 = embeddings), as in LLaVA
+  feature_select: str = 'default'  # 'default' drops the class token, 'full' keeps all
+  image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+  image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Tokens each image occupies in the LLM's sequence."""
+    has_class_token = self.kind == 'clip'
+    keeps_class_token = has_class_token and self.feature_select == 'full'
+    return self.num_patches + int(keeps_class_token)
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  """A LLaVA-style model: vision tower -> projector -> decoder LLM."""
+
+  llm: LLMConfig
+  vision: VisionConfig
+  projector: str = 'mlp2x_gelu'  # 'linear' | 'mlp2x_gelu'
+  projector_bias: bool = True
+  image_token_id: int = 3
+  dtype: str = 'float32'  # compute dtype: 'float32' | 'bfloat16'
+  param_dtype: str = 'float32'
+  remat: str = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
+  scan_layers: bool = True
+  attention_impl: str = 'xla'  # 'xla' | 'pallas' | 'cudnn'

@@ -1,0 +1,229 @@
+"""A Llama-family decoder: Llama 2/3, Qwen2 (q/k/v biases), Mistral, one module with flags.
+
+Embedding -> N x [RMSNorm -> GQA self-attention with RoPE -> residual, RMSNorm -> SwiGLU
+MLP -> residual] -> RMSNorm -> lm_head (or the tied embedding). The attention keeps the q/k/v
+projection, the attention itself and the output projection as separate methods so that a
+KV cache can sit between them.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from openvlm_jax.models import attention, layers
+from openvlm_jax.models.config import LLMConfig, RopeScaling
+
+ACTIVATION_NAMES = ('batch', 'length', 'embed')
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+  """Position ids that skip left padding: cumsum(mask) - 1, clipped at 0. [batch, seq]."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+  """Inverse frequencies of the rotary embedding, [head_dim // 2] float32.
+
+  With `scaling`, applies the llama3 rule: long wavelengths are divided by `factor`, short
+  ones kept, and the band in between interpolated smoothly.
+  """
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+  inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+  if scaling is None:
+    return inv_freq
+  old_context = np.float32(scaling.original_max_position_embeddings)
+  low_freq_wavelen = old_context / np.float32(scaling.low_freq_factor)
+  high_freq_wavelen = old_context / np.float32(scaling.high_freq_factor)
+  wavelen = np.float32(2 * math.pi) / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(scaling.factor), inv_freq)
+  smooth = (old_context / wavelen - np.float32(scaling.low_freq_factor)) / np.float32(
+      scaling.high_freq_factor - scaling.low_freq_factor
+  )
+  smoothed = (1 - smooth) * scaled / np.float32(scaling.factor) + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos and sin tables for `positions` [batch, seq]; each [batch, seq, head_dim] float32."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, s, d/2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)  # [batch, seq, head_dim]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [batch, seq, heads, head_dim] (Hugging Face's rotate_half convention)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos = cos[:, :, None, :].astype(x.dtype)
+  sin = sin[:, :, None, :].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+class SelfAttention(nn.Module):
+  """Grouped-query self-attention with RoPE and optional q/k/v biases."""
+
+  config: LLMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = 'xla'
+
+  def setup(self):
+    cfg = self.config
+    head_dim = cfg.resolved_head_dim
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    self.q_proj = layers.dense(
+        (cfg.num_heads, head_dim), ('embed', 'heads', 'head_dim'), use_bias=cfg.qkv_bias,
+        bias_names=('heads', 'head_dim'), name='q_proj', **kw)
+    self.k_proj = layers.dense(
+        (cfg.num_kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.qkv_bias,
+        bias_names=('kv_heads', 'head_dim'), name='k_proj', **kw)
+    self.v_proj = layers.dense(
+        (cfg.num_kv_heads, head_dim), ('embed', 'kv_heads', 'head_dim'), use_bias=cfg.qkv_bias,
+        bias_names=('kv_heads', 'head_dim'), name='v_proj', **kw)
+    self.o_proj = layers.dense(
+        cfg.hidden_size, ('heads', 'head_dim', 'embed'), axis=(-2, -1), name='o_proj', **kw)
+
+  def project_qkv(self, hidden, cos, sin):
+    """Returns rotated query [b, s, heads, d] and rotated key, value [b, s, kv_heads, d]."""
+    query = apply_rope(self.q_proj(hidden), cos, sin)
+    key = apply_rope(self.k_proj(hidden), cos, sin)
+    value = self.v_proj(hidden)
+    return query, key, value
+
+  def __call__(self, hidden, cos, sin, mask):
+    """hidden [batch, seq, embed] -> [batch, seq, embed]."""
+    query, key, value = self.project_qkv(hidden, cos, sin)
+    attended = attention.dot_product_attention(
+        query, key, value, mask=mask, impl=self.attention_impl
+    )  # [batch, seq, heads, head_dim]
+    return self.o_proj(attended)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x))."""
+
+  config: LLMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden):
+    """hidden [batch, seq, embed] -> [batch, seq, embed]."""
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    mlp_size = self.config.intermediate_size
+    gate = layers.dense(mlp_size, ('embed', 'mlp'), name='gate_proj', **kw)(hidden)
+    up = layers.dense(mlp_size, ('embed', 'mlp'), name='up_proj', **kw)(hidden)
+    gated = nn.with_logical_constraint(nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return layers.dense(self.config.hidden_size, ('mlp', 'embed'), name='down_proj', **kw)(gated)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm decoder block; `__call__` has the (carry, out) form `nn.scan` expects."""
+
+  config: LLMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, hidden, cos, sin, mask):
+    """hidden [batch, seq, embed], cos/sin [batch, seq, head_dim], mask [b, 1, seq, seq]."""
+    cfg = self.config
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    normed = layers.rms_norm(cfg.rms_norm_eps, name='input_norm', **kw)(hidden)
+    hidden = hidden + SelfAttention(
+        cfg, attention_impl=self.attention_impl, name='attention', **kw
+    )(normed, cos, sin, mask)
+    normed = layers.rms_norm(cfg.rms_norm_eps, name='post_attention_norm', **kw)(hidden)
+    hidden = hidden + SwiGLU(cfg, name='mlp', **kw)(normed)
+    return nn.with_logical_constraint(hidden, ACTIVATION_NAMES), None
+
+
+_LAYER_IN_AXES = (nn.broadcast, nn.broadcast, nn.broadcast)
+
+
+class LLM(nn.Module):
+  """Decoder-only language model; returns float32 logits."""
+
+  config: LLMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: str = 'none'
+  scan_layers: bool = True
+  attention_impl: str = 'xla'
+
+  def setup(self):
+    cfg = self.config
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        embedding_init=nn.with_logical_partitioning(layers.kernel_init, ('vocab', 'embed')),
+        **kw,
+    )
+    self.layers = layers.make_layer_stack(
+        DecoderLayer,
+        num_layers=cfg.num_layers,
+        scan=self.scan_layers,
+        remat=self.remat,
+        in_axes=_LAYER_IN_AXES,
+        config=cfg,
+        attention_impl=self.attention_impl,
+        **kw,
+    )
+    self.final_norm = layers.rms_norm(cfg.rms_norm_eps, **kw)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.dense(cfg.vocab_size, ('embed', 'vocab'), **kw)
+    self.inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """Token embeddings: input_ids [batch, seq] -> [batch, seq, embed] in the compute dtype."""
+    return self.embed_tokens(input_ids)
+
+  def __call__(
+      self,
+      input_ids: jax.Array | None = None,
+      *,
+      inputs_embeds: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      attention_mask: jax.Array,
+      deterministic: bool = True,
+  ) -> jax.Array:
+    """Logits of the next token at every position.
+
+    Args:
+      input_ids: [batch, seq] int32; or give `inputs_embeds` instead.
+      inputs_embeds: [batch, seq, embed] (e.g. text embeddings with image features merged).
+      positions: [batch, seq] rotary positions; default `positions_from_mask(attention_mask)`.
+      attention_mask: [batch, seq] 1 at real tokens, 0 at padding; or a full boolean mask
+        [batch, 1 or heads, seq, seq].
+      deterministic: unused (no dropout), kept for a uniform model signature.
+
+    Returns:
+      [batch, seq, vocab] float32 logits.
+    """
+    del deterministic
+    if inputs_embeds is None:
+      if input_ids is None:
+        raise ValueError('give input_ids or inputs_embeds')
+      inputs_embeds = self.embed(input_ids)
+    hidden = nn.with_logical_constraint(inputs_embeds.astype(self.dtype), ACTIVATION_NAMES)
+    if positions is None:
+      positions = positions_from_mask(attention_mask)
+    cos, sin = rope_cos_sin(positions, self.inv_freq)
+    if attention_mask.ndim == 2:
+      mask = attention.make_causal_mask(attention_mask)
+    else:
+      mask = attention_mask.astype(jnp.bool_)
+    hidden = layers.apply_layer_stack(self.layers, hidden, (cos, sin, mask), _LAYER_IN_AXES)
+    hidden = self.final_norm(hidden)
+    if self.config.tie_embeddings:
+      logits = self.embed_tokens.attend(hidden)
+    else:
+      logits = self.lm_head(hidden)
+    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab')).astype(jnp.float32)

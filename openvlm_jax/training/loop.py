@@ -1,0 +1,145 @@
+"""The training loop, top to bottom: data, model, restore or init, compile, then step."""
+
+import os
+import signal
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from openvlm_jax import checkpoint
+from openvlm_jax import objectives
+from openvlm_jax import parallel
+from openvlm_jax.training import optimizer as optimizer_lib
+from openvlm_jax.training import setup
+from openvlm_jax.training import state as state_lib
+from openvlm_jax.training import step as step_lib
+from openvlm_jax.training.logger import MetricLogger
+
+
+class PreemptionFlag:
+  """Set by SIGTERM; the loop then saves a checkpoint and stops cleanly."""
+
+  def __init__(self):
+    self.raised = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.raised = True
+
+
+def evaluate(eval_step, params, run: setup.Run) -> dict:
+  """Runs `eval_step` over the whole eval split once. Returns host floats."""
+  totals = {}
+  for local_batch in setup.eval_batches(run):
+    sums = eval_step(params, parallel.global_batch(local_batch, run.mesh))
+    for name, value in jax.device_get(sums).items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  num_tokens = max(totals.get('num_tokens', 0.0), 1.0)
+  return dict(
+      loss=totals['loss_sum'] / num_tokens,
+      perplexity=float(np.exp(totals['nll_sum'] / num_tokens)),
+      token_accuracy=totals['correct_tokens'] / num_tokens,
+      exact_match=totals['exact_match'] / max(totals['num_examples'], 1.0),
+      num_examples=totals['num_examples'],
+  )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`. Returns the final eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  training = config.training
+
+  # ---- Data, tokenizer and model -------------------------------------------------------------
+  run = setup.make_run(config, workdir)
+  train_iterator = setup.train_iterator(run)
+  loss_terms = objectives.get(config.objective.name)
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, training.num_steps)
+  example_inputs = setup.example_inputs(run)
+  shardings = state_lib.state_shardings(run.model, optimizer, example_inputs, run.mesh,
+                                        config.logical_axis_rules)
+
+  # ---- Restore or initialise -----------------------------------------------------------------
+  manager = checkpoint.make_manager(workdir, training.keep_checkpoints)
+  latest_step = manager.latest_step()
+  if latest_step is not None:
+    abstract_state = checkpoint.abstract_like(
+        jax.eval_shape(lambda: state_lib.create_train_state(
+            run.model, optimizer, example_inputs, shardings, jax.random.key(0))), shardings)
+    state = checkpoint.restore(manager, latest_step, abstract_state, train_iterator)
+    logging.info('Resumed from %s at step %d', manager.directory, latest_step)
+  else:
+    params = setup.pretrained_params(run, shardings.params)
+    state = state_lib.create_train_state(run.model, optimizer, example_inputs, shardings,
+                                         jax.random.key(config.seed), params=params)
+  num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+  logging.info('Model: %.2fM parameters, all trained', num_params / 1e6)
+
+  # ---- Compile -------------------------------------------------------------------------------
+  batch_sharding = parallel.batch_sharding(run.mesh)
+  train_step = jax.jit(
+      step_lib.make_train_step(run.model, loss_terms, optimizer, schedule,
+                               config.optimizer.grad_accum_steps),
+      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(step_lib.make_eval_step(run.model, loss_terms),
+                      in_shardings=(shardings.params, batch_sharding))
+
+  # ---- Loop ----------------------------------------------------------------------------------
+  logger = MetricLogger(workdir)
+  preemption = PreemptionFlag()
+  start_step = int(jax.device_get(state.step))
+  progress = tqdm.tqdm(total=training.num_steps, initial=start_step, unit='step', dynamic_ncols=True,
+                       disable=not training.progress_bar or jax.process_index() != 0)
+  window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+  eval_metrics, eval_step_done = {}, None
+  for step in range(start_step + 1, training.num_steps + 1):
+    local_batch = next(train_iterator)
+    window_tokens += int(local_batch['attention_mask'].sum()) * jax.process_count()
+    window_steps += 1
+    state, metrics = train_step(state, parallel.global_batch(local_batch, run.mesh))
+    progress.update(1)
+
+    if step % training.log_every == 0 or step == training.num_steps:
+      scalars = {name: float(value) for name, value in jax.device_get(metrics).items()}
+      elapsed = time.perf_counter() - window_start
+      scalars['tokens_per_second'] = window_tokens / elapsed
+      scalars['seconds_per_step'] = elapsed / window_steps
+      window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+      logger.write(step, 'train', scalars)
+      progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                           tok_s=f"{scalars['tokens_per_second']:.0f}")
+      progress.write(f"step {step:6d}  loss {scalars['loss']:.6f}  "
+                     f"grad_norm {scalars['grad_norm']:.4f}  lr {scalars['learning_rate']:.3e}  "
+                     f"tokens/s {scalars['tokens_per_second']:.0f}")
+
+    if run.has_eval and (step % training.eval_every == 0 or step == training.num_steps):
+      eval_metrics, eval_step_done = evaluate(eval_step, state.params, run), step
+      logger.write(step, 'eval', eval_metrics)
+      progress.write(f"step {step:6d}  eval loss {eval_metrics['loss']:.4f}  "
+                     f"token accuracy {eval_metrics['token_accuracy']:.4f}  "
+                     f"exact match {eval_metrics['exact_match']:.4f} "
+                     f"({eval_metrics['num_examples']:.0f} examples)")
+
+    if step % training.checkpoint_every == 0 or step == training.num_steps or preemption.raised:
+      checkpoint.save(manager, step, state, train_iterator, config, force=preemption.raised)
+    if preemption.raised:
+      break
+
+  progress.close()
+  manager.wait_until_finished()
+  manager.close()
+  logger.close()
+  setup.close(run, train_iterator)
+  if run.has_eval and eval_step_done != int(jax.device_get(state.step)):
+    eval_metrics = evaluate(eval_step, state.params, run)
+  if eval_metrics:
+    logging.info('Final held-out exact match: %.4f over %d examples',
+                 eval_metrics['exact_match'], eval_metrics['num_examples'])
+  return eval_metrics
+

@@ -1,0 +1,165 @@
+"""What a run is made of before its first step: files, tokenizer, model config, mesh, data."""
+
+import dataclasses
+import os
+from typing import Any, Iterator, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import transformers
+from jax.sharding import Mesh
+
+from openvlm_jax import config_lib
+from openvlm_jax import parallel
+from openvlm_jax.data import digits
+from openvlm_jax.data import pipeline
+from openvlm_jax.data import tokenizer as tokenizer_lib
+from openvlm_jax.hf import io as hf_io
+from openvlm_jax.models.config import VLMConfig
+from openvlm_jax.models.vlm import VLM
+
+
+@dataclasses.dataclass
+class Run:
+  """The pieces every mode (train, eval, predict, export) starts from."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  tokenizer: transformers.PreTrainedTokenizerBase
+  vlm_config: VLMConfig
+  model: VLM
+  train_files: tuple[str, ...]
+  eval_files: tuple[str, ...]
+
+  @property
+  def has_eval(self) -> bool:
+    return bool(self.eval_files)
+
+
+def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[tuple, tuple]:
+  """The train and eval JSONL files; the embedded digits dataset when none are configured."""
+  if config.data.train_files:
+    return tuple(config.data.train_files), tuple(config.data.eval_files)
+  built = digits.build_digits_dataset(os.path.join(workdir, 'data'), seed=config.seed)
+  return (built['train'],), (built['eval'],)
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                            train_files: tuple[str, ...]) -> transformers.PreTrainedTokenizerBase:
+  """The configured tokenizer, the one beside the Hugging Face weights, or one trained once."""
+  folder = config.tokenizer or config.model.init_from or config.model.llm_from
+  if folder:
+    return tokenizer_lib.load_tokenizer(folder)
+  folder = os.path.join(workdir, 'tokenizer')
+  if not os.path.exists(os.path.join(folder, 'tokenizer.json')):
+    logging.info('Training a tokenizer on %s into %s', train_files, folder)
+    tokenizer_lib.train_tokenizer(digits.tokenizer_corpus(train_files), folder)
+  return tokenizer_lib.load_tokenizer(folder)
+
+
+def runtime_overrides(model: ml_collections.ConfigDict) -> dict:
+  """The VLMConfig fields that always come from `config.model`, never from a checkpoint."""
+  return dict(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
+              scan_layers=model.scan_layers, attention_impl=model.attention_impl)
+
+
+def model_config(config: ml_collections.ConfigDict,
+                 tokenizer: transformers.PreTrainedTokenizerBase) -> VLMConfig:
+  """The architecture from a Hugging Face folder when starting from one, else from the config.
+
+  Compute dtype, remat, scan and attention implementation always come from `config.model`.
+  """
+  image_token_id = tokenizer.convert_tokens_to_ids(tokenizer_lib.image_token_of(tokenizer))
+  model = config.model
+  runtime = runtime_overrides(model)
+  if model.init_from:
+    return hf_io.load_config(model.init_from, **runtime)
+  if model.llm_from or model.vision_from:
+    if not (model.llm_from and model.vision_from):
+      raise ValueError('config.model.llm_from and config.model.vision_from go together')
+    return hf_io.load_stage1_config(model.llm_from, model.vision_from, projector=model.projector,
+                                    image_token_id=image_token_id, **runtime)
+  return config_lib.build_vlm_config(model, vocab_size=len(tokenizer),
+                                     image_token_id=image_token_id)
+
+
+def make_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Starts the multi-host runtime, builds the mesh, and resolves files, tokenizer and model."""
+  parallel.initialize_distributed()
+  mesh = parallel.make_mesh(config.mesh)
+  train_files, eval_files = data_files(config, workdir)
+  tokenizer = load_or_train_tokenizer(config, workdir, train_files)
+  vlm_config = model_config(config, tokenizer)
+  return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+             vlm_config=vlm_config, model=VLM(vlm_config), train_files=train_files,
+             eval_files=eval_files)
+
+
+def _pipeline_arguments(run: Run) -> dict:
+  """Arguments shared by the train and eval pipelines."""
+  vision = run.vlm_config.vision
+  data = run.config.data
+  return dict(tokenizer=run.tokenizer, image_size=vision.image_size, image_mean=vision.image_mean,
+              image_std=vision.image_std, num_image_tokens=vision.num_image_tokens,
+              seq_len=data.seq_len, max_images=data.max_images,
+              on_bad_record=data.on_bad_record, shard_index=jax.process_index(),
+              shard_count=jax.process_count())
+
+
+def local_batch_size(run: Run) -> int:
+  """This process's rows of the global batch."""
+  global_size = run.config.data.batch_size
+  if global_size % jax.process_count():
+    raise ValueError(f'config.data.batch_size={global_size} does not split over '
+                     f'{jax.process_count()} processes')
+  return global_size // jax.process_count()
+
+
+def train_iterator(run: Run) -> Iterator[dict]:
+  """The shuffled, repeating, checkpointable iterator over this process's training batches."""
+  data = run.config.data
+  return pipeline.make_iterator(run.train_files, batch_size=local_batch_size(run), shuffle=True,
+                                seed=data.shuffle_seed, num_epochs=None,
+                                worker_count=data.worker_count, **_pipeline_arguments(run))
+
+
+def eval_batches(run: Run) -> Iterator[dict]:
+  """Every eval example once, in order, the last batch padded (see `example_mask`)."""
+  return pipeline.make_eval_batches(run.eval_files, batch_size=local_batch_size(run),
+                                    **_pipeline_arguments(run))
+
+
+def example_inputs(run: Run) -> dict:
+  """Zero inputs of the right shapes and dtypes for `model.init`."""
+  seq_len, vision = run.config.data.seq_len, run.vlm_config.vision
+  return dict(
+      input_ids=np.zeros((1, seq_len), np.int32),
+      images=np.zeros((1, run.config.data.max_images, vision.image_size, vision.image_size, 3),
+                      np.float32),
+      positions=np.zeros((1, seq_len), np.int32),
+      attention_mask=np.ones((1, seq_len), np.int32),
+  )
+
+
+def pretrained_params(run: Run, param_shardings: Any) -> Optional[Any]:
+  """Parameters imported from Hugging Face folders, placed with their shardings; or None."""
+  model = run.config.model
+  vlm_config, runtime = run.vlm_config, runtime_overrides(model)
+  if model.init_from:
+    return hf_io.load_pretrained(model.init_from, shardings=param_shardings, **runtime)[1]
+  if model.llm_from:
+    return hf_io.load_llm_and_vision(
+        model.llm_from, model.vision_from, image_token_id=vlm_config.image_token_id,
+        rng=jax.random.key(run.config.seed), projector=vlm_config.projector,
+        shardings=param_shardings, **runtime)[1]
+  return None
+
+
+def close(run: Run, iterator: Any) -> None:
+  """Stops worker processes of a data iterator, if it has any."""
+  del run
+  if hasattr(iterator, 'close'):
+    iterator.close()

@@ -1,0 +1,97 @@
+"""The jitted training and evaluation steps: pure functions of (state, batch)."""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from openvlm_jax.training.state import TrainState
+
+MODEL_INPUTS = ('input_ids', 'images', 'positions', 'attention_mask')
+
+
+def model_logits(model: nn.Module, params, batch: dict) -> jax.Array:
+  """Runs the VLM on a batch dict. Returns logits [batch, seq, vocab]."""
+  return model.apply({'params': params}, batch['input_ids'], batch['images'],
+                     positions=batch['positions'], attention_mask=batch['attention_mask'])
+
+
+def split_micro_batches(batch: dict, num_micro: int) -> dict:
+  """[batch, ...] -> [num_micro, batch // num_micro, ...], interleaving rows.
+
+  Micro-batch i takes rows i, i + num_micro, ... so every micro-batch spans all data shards.
+  """
+  def split(array):
+    rows = array.shape[0]
+    if rows % num_micro:
+      raise ValueError(f'batch of {rows} rows does not split into {num_micro} micro-batches')
+    return array.reshape(rows // num_micro, num_micro, *array.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, loss_terms: Callable, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+  """Returns train_step(state, batch) -> (state, metrics).
+
+  Gradients of the summed loss are accumulated over `grad_accum_steps` micro-batches and
+  divided by the number of target tokens in the whole global batch.
+  """
+
+  def summed_loss(params, batch):
+    terms = loss_terms(model_logits(model, params, batch), batch)
+    return terms['loss_sum'], terms
+
+  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: dict):
+    if grad_accum_steps == 1:
+      (_, terms), grads = grad_fn(state.params, batch)
+    else:
+      def accumulate(carry, micro_batch):
+        (_, micro_terms), micro_grads = grad_fn(state.params, micro_batch)
+        return jax.tree.map(jnp.add, carry, (micro_grads, micro_terms)), None
+      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      zero_terms = jax.tree.map(jnp.zeros_like,
+                                jax.eval_shape(summed_loss, state.params, batch)[1])
+      (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms),
+                                       split_micro_batches(batch, grad_accum_steps))
+    num_tokens = jnp.maximum(terms['num_tokens'], 1.0)
+    grads = jax.tree.map(lambda grad: grad / num_tokens, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(
+        loss=terms['loss_sum'] / num_tokens,
+        nll=terms['nll_sum'] / num_tokens,
+        token_accuracy=terms['correct_tokens'] / num_tokens,
+        num_tokens=terms['num_tokens'],
+        grad_norm=optax.tree.norm(grads),
+        learning_rate=schedule(state.step),
+    )
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, loss_terms: Callable) -> Callable:
+  """Returns eval_step(params, batch) -> per-batch sums for loss, accuracy and exact match.
+
+  Exact match counts examples whose every target token is the argmax under teacher forcing,
+  which is exactly what greedy decoding of the answer (and its end token) would produce.
+  `batch['example_mask']` marks real rows in a padded last batch.
+  """
+
+  def eval_step(params, batch: dict) -> dict:
+    logits = model_logits(model, params, batch)
+    example_mask = batch['example_mask'].astype(jnp.float32)  # [batch]
+    masked_batch = dict(batch, loss_mask=batch['loss_mask'] * example_mask[:, None])
+    terms = loss_terms(logits, masked_batch)
+    loss_mask = masked_batch['loss_mask']
+    correct = (jnp.argmax(logits, axis=-1) == batch['targets']) * loss_mask
+    answer_tokens = jnp.sum(loss_mask, axis=1)  # [batch]
+    all_correct = (jnp.sum(correct, axis=1) == answer_tokens) & (answer_tokens > 0)
+    return dict(terms, exact_match=jnp.sum(all_correct * example_mask),
+                num_examples=jnp.sum(example_mask))
+
+  return eval_step

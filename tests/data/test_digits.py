@@ -1,0 +1,62 @@
+"""Tests of the embedded digits dataset builder and the tokenizer corpus."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import datasets
+
+from openvlm_jax.data import digits
+
+
+def _read(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def read_dataset(tmp_path_factory):
+  return digits.build_digits_dataset(str(tmp_path_factory.mktemp('digits')), seed=1)
+
+
+def test_read_task_counts_answers_and_images(read_dataset):
+  train, evaluation = _read(read_dataset['train']), _read(read_dataset['eval'])
+  assert (len(train), len(evaluation)) == (1527, 270)
+  labels = datasets.load_digits().target
+  answers = [r['conversations'][1]['value'] for r in train + evaluation]
+  assert sorted(answers) == sorted(str(label) for label in labels)
+  assert len({r['id'] for r in train + evaluation}) == 1797
+  record = train[0]
+  assert record['conversations'][0]['value'].count('<image>') == 1
+  with Image.open(os.path.join(os.path.dirname(read_dataset['train']), record['image'])) as image:
+    assert (image.size, image.mode) == ((32, 32), 'RGB')
+    pixels = np.asarray(image)
+  assert pixels.max() > 200 and pixels.min() == 0
+
+
+def test_build_is_idempotent(read_dataset):
+  marker = os.path.join(os.path.dirname(read_dataset['train']), '.complete')
+  stamps = [os.path.getmtime(p) for p in (marker, read_dataset['train'])]
+  again = digits.build_digits_dataset(os.path.dirname(read_dataset['train']), seed=1)
+  assert again == read_dataset
+  assert [os.path.getmtime(p) for p in (marker, read_dataset['train'])] == stamps
+
+
+def test_sum_task(tmp_path):
+  paths = digits.build_digits_dataset(str(tmp_path), task='sum', eval_fraction=0.5, seed=2)
+  evaluation = _read(paths['eval'])
+  assert len(evaluation) == 898
+  answers = [int(r['conversations'][1]['value']) for r in evaluation]
+  assert 0 <= min(answers) and max(answers) <= 27 and len(set(answers)) > 15
+  with Image.open(tmp_path / evaluation[0]['image']) as image:
+    assert image.size == (32, 32)
+  with pytest.raises(ValueError, match='task'):
+    digits.build_digits_dataset(str(tmp_path), task='multiply')
+
+
+def test_tokenizer_corpus(read_dataset):
+  texts = list(digits.tokenizer_corpus([read_dataset['eval']]))
+  assert len(texts) == 2 * 270
+  assert all(t.startswith(('user:\n', 'assistant:\n')) and '<image>' not in t for t in texts)

@@ -1,0 +1,119 @@
+"""Tiny random Hugging Face models for tests, built in-process (no downloads).
+
+Every parameter, norms and biases included, is perturbed away from its initial value so a
+wrongly mapped or dropped tensor changes the outputs.
+"""
+
+import numpy as np
+import torch
+import transformers
+
+VOCAB_SIZE = 128
+IMAGE_TOKEN_ID = 100
+IMAGE_SIZE = 16
+PATCH_SIZE = 4
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+
+# One torch thread: these models are tiny, and idle OpenMP threads spin-wait for cores that
+# the parallel test workers and XLA need.
+torch.set_num_threads(1)
+
+
+def llama_config(rope_scaling: bool = False, **overrides) -> transformers.LlamaConfig:
+  """A 2-layer GQA Llama (4 query heads, 2 kv heads), optionally with llama3 rope scaling."""
+  rope = {'rope_type': 'default', 'rope_theta': 10000.0}
+  if rope_scaling:
+    rope = {
+        'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+        'high_freq_factor': 4.0, 'original_max_position_embeddings': 16,
+    }
+  kwargs = {
+      'vocab_size': VOCAB_SIZE, 'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,
+      'num_attention_heads': 4, 'num_key_value_heads': 2, 'rms_norm_eps': 1e-5, 'rope_parameters': rope,
+      'max_position_embeddings': 256,
+  }
+  kwargs.update(overrides)
+  return transformers.LlamaConfig(**kwargs)
+
+
+def qwen2_config(**overrides) -> transformers.Qwen2Config:
+  """A 2-layer Qwen2 (q/k/v biases) with tied embeddings."""
+  kwargs = {
+      'vocab_size': VOCAB_SIZE, 'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2,
+      'num_attention_heads': 4, 'num_key_value_heads': 2, 'tie_word_embeddings': True,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': 1000000.0},
+  }
+  kwargs.update(overrides)
+  return transformers.Qwen2Config(**kwargs)
+
+
+def clip_vision_config() -> transformers.CLIPVisionConfig:
+  """A 3-layer CLIP ViT on 16x16 images with 4x4 patches (16 patches + class token)."""
+  return transformers.CLIPVisionConfig(
+      hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=2,
+      image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+  )
+
+
+def siglip_vision_config(use_head: bool = True) -> transformers.SiglipVisionConfig:
+  """A 2-layer SigLIP ViT on 16x16 images with 4x4 patches."""
+  return transformers.SiglipVisionConfig(
+      hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+      image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=use_head,
+  )
+
+
+def llava_config(text: str = 'llama', vision: str = 'clip') -> transformers.LlavaConfig:
+  """LLaVA over a tiny decoder ('llama' | 'qwen2') and vision tower ('clip' | 'siglip')."""
+  text_config = llama_config() if text == 'llama' else qwen2_config()
+  if vision == 'clip':
+    vision_config, feature_layer, select = clip_vision_config(), -2, 'default'
+  else:
+    vision_config, feature_layer, select = siglip_vision_config(use_head=False), -1, 'full'
+  return transformers.LlavaConfig(
+      text_config=text_config, vision_config=vision_config, image_token_index=IMAGE_TOKEN_ID,
+      vision_feature_layer=feature_layer, vision_feature_select_strategy=select,
+      image_seq_length=NUM_PATCHES, tie_word_embeddings=text_config.tie_word_embeddings,
+  )
+
+
+def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+  """Adds N(0, scale) noise to every parameter (in place) and returns the model."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(torch.randn(param.shape, generator=generator) * scale)
+  return model
+
+
+def build(model_cls, config, folder=None, seed: int = 0):
+  """Instantiates `model_cls(config)` in float32 eager mode, perturbs it and saves it."""
+  torch.manual_seed(seed)
+  config._attn_implementation = 'eager'
+  model = perturb(model_cls(config).float().eval(), seed)
+  if folder is not None:
+    model.save_pretrained(folder)
+  return model
+
+
+def random_images(rng: np.random.Generator, *shape: int) -> np.ndarray:
+  """Normalised-looking images [*shape, IMAGE_SIZE, IMAGE_SIZE, 3] float32."""
+  return rng.normal(size=(*shape, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+
+
+def nchw(images: np.ndarray) -> torch.Tensor:
+  """[n, H, W, 3] numpy -> [n, 3, H, W] torch."""
+  return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def positions_from_mask(attention_mask: np.ndarray) -> np.ndarray:
+  """HF's left-padding positions: cumsum(mask) - 1, clipped at 0."""
+  return np.maximum(np.cumsum(attention_mask, axis=-1) - 1, 0).astype(np.int32)
+
+
+def max_abs_diff_at(ours, theirs, attention_mask: np.ndarray) -> float:
+  """Largest |ours - theirs| over real (unpadded) positions of [batch, seq, ...] arrays."""
+  ours = np.asarray(ours, np.float32)
+  theirs = np.asarray(theirs.detach().float().numpy() if torch.is_tensor(theirs) else theirs)
+  keep = np.asarray(attention_mask).astype(bool)
+  return float(np.max(np.abs(ours[keep] - theirs[keep])))
