@@ -7,6 +7,7 @@ saves, the newest `keep` kept. Restoring onto any mesh works: the targets carry 
 import os
 from typing import Any, Optional
 
+from etils import epath
 import grain
 import jax
 import ml_collections
@@ -17,8 +18,11 @@ def make_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
   """A manager over `<workdir>/checkpoints` that keeps the newest `keep` steps."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          enable_async_checkpointing=True)
+  handlers = dict(state=ocp.StandardCheckpointHandler(),
+                  data=grain.checkpoint.CheckpointHandler(),
+                  config=ocp.JsonCheckpointHandler())
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+                               options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
@@ -38,13 +42,23 @@ def abstract_like(state: Any, shardings: Any) -> Any:
       state, shardings)
 
 
+def _key_names(path: tuple) -> tuple:
+  """A tree path as plain names, so attribute keys (TrainState.params) match saved dict keys."""
+  return tuple(str(getattr(key, 'name', getattr(key, 'key', getattr(key, 'idx', key))))
+               for key in path)
+
+
 def check_shapes(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
   """Raises a ValueError naming the first tensor whose saved shape differs from the model's."""
   saved = manager.item_metadata(step)['state']
-  saved_leaves = dict(jax.tree_util.tree_flatten_with_path(saved)[0])
+  if saved is None:  # a manager that has not saved yet knows no handler for 'state'
+    saved = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(manager.directory) / str(step) / 'state')
+  saved_leaves = {_key_names(path): leaf
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
   for path, expected in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
     name = jax.tree_util.keystr(path)
-    found = saved_leaves.get(path)
+    found = saved_leaves.get(_key_names(path))
     if found is None:
       raise ValueError(f'checkpoint step {step} in {manager.directory} has no tensor {name}')
     if tuple(found.shape) != tuple(expected.shape):

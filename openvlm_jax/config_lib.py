@@ -89,6 +89,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.data.shuffle_seed = 0
   config.data.worker_count = 0
   config.data.on_bad_record = 'skip'  # 'skip' (count and log) | 'raise'
+  config.data.demo_task = 'read'  # the embedded dataset's task: 'read' | 'sum' (see data/digits.py)
 
   config.objective = ml_collections.ConfigDict()
   config.objective.name = 'sft'
@@ -112,8 +113,11 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.training.keep_checkpoints = 2
   config.training.progress_bar = True
 
-  # Mesh axis sizes; -1 takes the devices that are left.
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Mesh axis sizes; -1 takes the devices that are left. Multi-slice (TPU slices, or GPU nodes
+  # joined by a slower network): data/fsdp/tensor are sizes within a slice and dcn_<axis> the
+  # number of slices that axis spans.
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                               dcn_tensor=1))
   # Logical axis name -> mesh axes. The first rule whose mesh axes are still free wins.
   config.logical_axis_rules = (
       ('batch', ('data', 'fsdp')),
@@ -127,7 +131,21 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       ('head_dim', None),
       ('layers', None),
       ('norm', None),
+      ('lora_rank', None),
   )
+
+  # LoRA adapters (rank 0: off) on the Dense layers whose module path matches a target regex.
+  config.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, base_dtype='float32',  # 'float32'|'bf16'|'int8'|'nf4'
+      targets=(r'llm/.*/(q|k|v|o)_proj', r'llm/.*/mlp/.*')))
+  # (path regex, trains?) over parameter paths like 'llm/layers/mlp/up_proj/kernel'; the first
+  # match wins. Unmatched: everything trains, or with LoRA on only the adapters. See RECIPES.
+  config.trainable = ()
+
+  # --mode=predict: a JSONL of {"id", "image", "question"} (or LLaVA records) -> answers.
+  config.predict = ml_collections.ConfigDict(dict(
+      input='', output='', database='',  # '': <workdir>/predictions.jsonl, <workdir>/runs.db
+      batch_size=8, max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0))
 
   config.export = ml_collections.ConfigDict()
   config.export.dir = ''
@@ -137,8 +155,9 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
 
 
 def build_vlm_config(model: ml_collections.ConfigDict, *, vocab_size: int,
-                     image_token_id: int) -> model_config.VLMConfig:
-  """Turns `config.model` into the frozen `VLMConfig` the modules read."""
+                     image_token_id: int,
+                     lora: ml_collections.ConfigDict | None = None) -> model_config.VLMConfig:
+  """Turns `config.model` (and `config.lora`) into the frozen `VLMConfig` the modules read."""
   llm_fields = model.llm.to_dict()
   llm_fields['vocab_size'] = llm_fields['vocab_size'] or vocab_size
   llm_fields['head_dim'] = llm_fields['head_dim'] or None
@@ -155,4 +174,22 @@ def build_vlm_config(model: ml_collections.ConfigDict, *, vocab_size: int,
       remat=model.remat,
       scan_layers=model.scan_layers,
       attention_impl=model.attention_impl,
+      lora=lora_config(lora),
   )
+
+
+# The classic LLaVA recipes as `config.trainable` rules (`configs/sft.py:recipe=<name>`).
+RECIPES = {
+    'stage1': ((r'projector/.*', True), (r'.*', False)),  # projector only
+    'full': ((r'vision/.*', False), (r'.*', True)),  # full LLM + projector
+    'lora': ((r'.*/lora_(a|b)', True), (r'projector/.*', True), (r'.*', False)),
+}
+
+
+def lora_config(lora: ml_collections.ConfigDict | None) -> model_config.LoraConfig | None:
+  """The frozen `LoraConfig` of a `config.lora` section; None when off (rank 0)."""
+  if lora is None or not lora.rank:
+    return None
+  return model_config.LoraConfig(rank=int(lora.rank), alpha=float(lora.alpha),
+                                 dropout=float(lora.dropout), targets=tuple(lora.targets),
+                                 base_dtype=lora.base_dtype)

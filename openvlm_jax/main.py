@@ -5,7 +5,8 @@ r"""OpenVLM-JAX entry point.
       --config.export.dir=runs/demo/hf
 
 Modes: train (resumes from the workdir's latest checkpoint), eval (the latest checkpoint on the
-eval split), export (a Hugging Face folder from a checkpoint).
+eval split), predict (answers `--config.predict.input=questions.jsonl` into JSONL and a SQLite
+database for `datasette`), export (a Hugging Face folder from a checkpoint).
 """
 
 import os
@@ -18,7 +19,7 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and data.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'export'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export'], 'What to do.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

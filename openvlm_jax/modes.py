@@ -8,9 +8,12 @@ import jax
 import ml_collections
 
 from openvlm_jax import checkpoint
+from openvlm_jax import evaluation
+from openvlm_jax import inference
 from openvlm_jax import objectives
 from openvlm_jax import parallel
 from openvlm_jax.hf import io as hf_io
+from openvlm_jax.integrations import sqlite_export
 from openvlm_jax.training import loop
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import setup
@@ -26,15 +29,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def restore_params(run: setup.Run, step: int = -1):
   """The parameters of checkpoint `step` (-1: the latest) in the run's workdir."""
   config = run.config
-  optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, config.training.num_steps)
+  trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))
+  optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, config.training.num_steps,
+                                              trainable)
   example_inputs = setup.example_inputs(run)
   shardings = state_lib.state_shardings(run.model, optimizer, example_inputs, run.mesh,
                                         config.logical_axis_rules)
   manager = checkpoint.make_manager(run.workdir, config.training.keep_checkpoints)
   step = manager.latest_step() if step == -1 else step
   if step is None or step not in manager.all_steps():
-    raise FileNotFoundError(f'no checkpoint {"" if step is None else step} in {manager.directory}'
-                            f' (saved steps: {list(manager.all_steps())})')
+    which = '' if step is None else f' at step {step}'
+    raise FileNotFoundError(f'no checkpoint{which} in {manager.directory} '
+                            f'(saved steps: {list(manager.all_steps())})')
   abstract_state = checkpoint.abstract_like(
       jax.eval_shape(lambda: state_lib.create_train_state(
           run.model, optimizer, example_inputs, shardings, jax.random.key(0))), shardings)
@@ -47,11 +53,55 @@ def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: di
   """Evaluates the latest checkpoint on the eval split."""
   run = setup.make_run(config, workdir)
   params, step = restore_params(run)
-  eval_step = jax.jit(step_lib.make_eval_step(run.model, objectives.get(config.objective.name)),
-                      in_shardings=(None, parallel.batch_sharding(run.mesh)))
+  eval_step = parallel.under_mesh(
+      jax.jit(step_lib.make_eval_step(run.model, objectives.get(config.objective, run.tokenizer)),
+              in_shardings=(None, parallel.batch_sharding(run.mesh))),
+      run.mesh, config.logical_axis_rules)
   metrics = loop.evaluate(eval_step, params, run)
+  if run.has_eval:  # generated answers, scored like the user would score them
+    questions = [q for path in run.eval_files for q in inference.read_questions(path)]
+    answers = _answer(run, params, questions)
+    scores = evaluation.score_answers([a['answer'] for a in answers],
+                                      [q['answer'] or '' for q in questions])
+    metrics.update({f'generated_{name}': scores[name]
+                    for name in ('exact_match', 'numeric_exact_match', 'relaxed_accuracy')})
   logging.info('eval of step %d: %s', step, metrics)
   return dict(step=step, **metrics)
+
+
+def _answer(run: setup.Run, params, questions: list[dict]) -> list[dict]:
+  """Generated answers to `questions` (see `inference.read_questions`), by config.predict."""
+  return inference.answer_questions(
+      run.model, params, run.tokenizer, questions,
+      sampling=inference.sampling_from_config(run.config.predict, run.tokenizer),
+      batch_size=run.config.predict.batch_size, max_images=run.config.data.max_images,
+      seed=run.config.seed)
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Answers config.predict.input (JSONL of images + questions); writes JSONL and SQLite."""
+  section = config.predict
+  if not section.input:
+    raise ValueError('--mode=predict needs --config.predict.input=<questions.jsonl>')
+  run = setup.make_run(config, workdir)
+  params, step = restore_params(run)
+  questions = inference.read_questions(section.input)
+  answers = _answer(run, params, questions)
+  scored = [(a['answer'], q['answer']) for q, a in zip(questions, answers) if q['answer']]
+  metrics = evaluation.score_answers(*zip(*scored)) if scored else {}
+  output = section.output or os.path.join(workdir, 'predictions.jsonl')
+  with open(output, 'w') as f:
+    f.writelines(json.dumps({'id': question['id'], 'image': question['image_paths'],
+                             'question': question['question'], 'answer': answer['answer'],
+                             'reference': question['answer']}) + '\n'
+                 for question, answer in zip(questions, answers))
+  database = section.database or os.path.join(workdir, 'runs.db')
+  run_id = sqlite_export.export_predictions(
+      database, questions=questions, answers=answers, config=config.to_dict(), metrics=metrics,
+      workdir=os.path.abspath(workdir), checkpoint_step=step,
+      input_file=os.path.abspath(section.input))
+  logging.info('predict: %d answers -> %s and %s (run %s)', len(answers), output, database, run_id)
+  return dict(step=step, run_id=run_id, output=output, database=database, **metrics)
 
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -69,7 +119,11 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def format_result(mode: str, result: dict) -> str:
   """One closing line for the console."""
   if mode in ('train', 'eval') and 'exact_match' in result:
-    return (f"held-out exact match: {result['exact_match']:.4f} "
+    line = (f"held-out exact match: {result['exact_match']:.4f} "
             f"({result['num_examples']:.0f} examples), token accuracy "
             f"{result['token_accuracy']:.4f}, loss {result['loss']:.4f}")
+    if 'generated_relaxed_accuracy' in result:
+      line += (f"; generated: exact match {result['generated_exact_match']:.4f}, relaxed "
+               f"accuracy {result['generated_relaxed_accuracy']:.4f}")
+    return line
   return json.dumps(result)

@@ -4,30 +4,51 @@ Parameters carry logical axis names (`embed`, `mlp`, `heads`, ...); the config's
 to the mesh axes `data`, `fsdp` and `tensor`. Nothing here knows about models or data files.
 """
 
+import contextlib
+import functools
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
+# Environment variables that say "this process is one of several" (name, minimum value).
+CLUSTER_VARIABLES = (('JAX_COORDINATOR_ADDRESS', None), ('TPU_WORKER_HOSTNAMES', None),
+                     ('MEGASCALE_COORDINATOR_ADDRESS', None), ('SLURM_NTASKS', 2),
+                     ('OMPI_COMM_WORLD_SIZE', 2))
+
+
+def cluster_detected() -> bool:
+  """Whether the environment describes a multi-process job (a single SLURM task is not one)."""
+  for name, minimum in CLUSTER_VARIABLES:
+    value = os.environ.get(name)
+    if value is not None and (minimum is None or int(value) >= minimum):
+      return True
+  return False
 
 
 def initialize_distributed() -> None:
   """Starts JAX's multi-host runtime when the environment describes several processes.
 
-  `jax.distributed.initialize()` discovers TPU pods and SLURM jobs by itself; elsewhere set
-  JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  `jax.distributed.initialize()` discovers TPU pods, SLURM and Open MPI jobs by itself;
+  elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID on every process. Every process logs its index.
   """
-  on_cluster = any(name in os.environ for name in (
-      'JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS'))
-  if on_cluster and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  if cluster_detected() and not jax.distributed.is_initialized():
+    explicit = {}
+    if 'JAX_NUM_PROCESSES' in os.environ:
+      explicit['num_processes'] = int(os.environ['JAX_NUM_PROCESSES'])
+    if 'JAX_PROCESS_ID' in os.environ:
+      explicit['process_id'] = int(os.environ['JAX_PROCESS_ID'])
+    jax.distributed.initialize(**explicit)  # JAX_COORDINATOR_ADDRESS is read by jax itself
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -48,12 +69,59 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
+def dcn_shape(sizes: Mapping[str, int]) -> tuple[int, ...]:
+  """The slow-network (DCN) factor of each mesh axis: `dcn_data`, ... (1 when absent)."""
+  return tuple(int(sizes.get(f'dcn_{axis}', 1)) for axis in MESH_AXES)
+
+
+def device_grid(sizes: Mapping[str, int], devices: Sequence[Any]) -> np.ndarray:
+  """`devices` arranged as a [data, fsdp, tensor] array for `config.mesh` sizes.
+
+  Single slice: `sizes` gives each axis's size. Multi-slice (any `dcn_<axis>` > 1): `data`,
+  `fsdp`, `tensor` are sizes within one slice (fast ICI links) and `dcn_<axis>` says how many
+  slices that axis spans, so axis `a` has size `sizes[a] * dcn_a`. Slices are TPU slices
+  (devices with `slice_index`) or, elsewhere (GPU nodes), processes.
+  """
+  devices = list(devices)
+  dcn = dcn_shape(sizes)
+  if math.prod(dcn) == 1:
+    return np.asarray(devices).reshape(mesh_shape(sizes, len(devices)))
+  num_slices = math.prod(dcn)
+  if len(devices) % num_slices:
+    raise ValueError(f'config.mesh dcn sizes {dcn} do not divide {len(devices)} devices')
+  ici = mesh_shape(sizes, len(devices) // num_slices)
+  process_is_granule = getattr(devices[0], 'slice_index', None) is None
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                              process_is_granule=process_is_granule)
+
+
 def make_mesh(sizes: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices)."""
-  devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(sizes, len(devices))
-  device_grid = np.asarray(devices).reshape(shape)
-  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  """A mesh with axes (data, fsdp, tensor) over `devices` (default: all devices).
+
+  Axis types are Auto, so the models' `nn.with_logical_constraint`s act as hints to GSPMD.
+  """
+  devices = jax.devices() if devices is None else devices
+  return Mesh(device_grid(sizes, devices), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules: Sequence[tuple]) -> Iterator[None]:
+  """Makes `mesh` and the logical axis `rules` current, so the models' activation constraints
+  (`nn.with_logical_constraint`) take effect when a function is traced inside."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(tuple(rules)):
+    yield
+
+
+def under_mesh(function: Callable, mesh: Mesh, rules: Sequence[tuple]) -> Callable:
+  """Wraps (a jitted) `function` so every call traces and runs inside `mesh_rules`."""
+
+  @functools.wraps(function)
+  def wrapped(*args, **kwargs):
+    with mesh_rules(mesh, rules):
+      return function(*args, **kwargs)
+
+  return wrapped
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple]) -> Any:

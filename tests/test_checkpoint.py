@@ -37,15 +37,19 @@ def saved_steps(workdir):
   return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
 
 
+def train_records(workdir):
+  """The train lines of metrics.jsonl, in the order they were written."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.endswith('\n')]
+  return [record for record in records if record['split'] == 'train']
+
+
 def train_losses(workdir):
   """Printed-precision train losses by step; a re-run step's last value wins."""
-  losses = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if record['split'] == 'train':
-        losses[record['step']] = f"{record['loss']:.6f}"
-  return losses
+  return {record['step']: f"{record['loss']:.6f}" for record in train_records(workdir)}
 
 
 def wait_for(condition, process, timeout=300):
@@ -74,8 +78,9 @@ def test_kill_and_resume_gives_the_same_losses(tmp_path):
   assert killed_at < NUM_STEPS
 
   # Resume; SIGTERM once it has trained a few steps more: it must save and exit cleanly.
+  logged_before = len(train_records(resumed_dir))
   process = start(resumed_dir)
-  wait_for(lambda: max(train_losses(resumed_dir)) >= killed_at + 3, process)
+  wait_for(lambda: len(train_records(resumed_dir)) >= logged_before + 3, process)
   process.send_signal(signal.SIGTERM)
   output = finish(process)
   stopped_at = saved_steps(resumed_dir)[-1]

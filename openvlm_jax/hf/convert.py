@@ -287,7 +287,9 @@ def hf_to_params(
       elif scanned:
         path = root_path + ('layers',) + rule.path
         shape = _get(expected, path).shape[1:]
-        stacked = np.stack([read(rule, i, shape) for i in range(num_layers)])
+        stacked = np.empty((num_layers, *shape), param_dtype)  # filled layer by layer
+        for i in range(num_layers):
+          stacked[i] = read(rule, i, shape)
         _set(params, path, place(path, stacked))
       else:
         for i in range(num_layers):

@@ -2,15 +2,20 @@
 
 Reading goes tensor by tensor through `safetensors.safe_open`, so with `shardings` each
 parameter is put on its devices as soon as it is assembled and the host holds about one
-parameter at a time. Only safetensors are read: no pickle, no remote code.
+parameter at a time. Writing streams the same way: the shards are planned from the shapes,
+then each tensor is converted, written and dropped. Only safetensors are read: no pickle, no
+remote code.
 """
 
+import dataclasses
 import json
+import math
 import os
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import flax.linen as nn
 import jax
@@ -19,23 +24,26 @@ import ml_dtypes
 import numpy as np
 import transformers
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from openvlm_jax.hf import config as hf_config
 from openvlm_jax.hf import convert
 from openvlm_jax.models import layers as model_layers
+from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.models.config import LLMConfig, VisionConfig, VLMConfig
 from openvlm_jax.models.projector import Projector
 
 INDEX_FILE = 'model.safetensors.index.json'
 SAVE_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+SAFETENSORS_DTYPES = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16'}
 
 
 class SafetensorsReader(Mapping):
   """Lazy mapping HF tensor name -> numpy array over a folder's safetensors files.
 
   Handles one `model.safetensors`, a sharded set with `model.safetensors.index.json`, or any
-  `*.safetensors` files. bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays.
+  `*.safetensors` files. bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays. Each read
+  opens its file anew: an open file stays memory-mapped, and the pages read through it would
+  stay resident, a second copy of the checkpoint by the end of a load.
   """
 
   def __init__(self, folder: str | os.PathLike):
@@ -49,15 +57,17 @@ class SafetensorsReader(Mapping):
       weight_map = None
     if not files:
       raise ValueError(f'{folder}: no *.safetensors files (only safetensors are supported)')
-    self._handles = {name: safe_open(folder / name, framework='numpy') for name in files}
+    self._folder = folder
     if weight_map is None:
       weight_map = {}
-      for name, handle in self._handles.items():
-        weight_map.update(dict.fromkeys(handle.keys(), name))
+      for name in files:
+        with safe_open(folder / name, framework='numpy') as handle:
+          weight_map.update(dict.fromkeys(handle.keys(), name))
     self._file_of = weight_map
 
   def __getitem__(self, name: str) -> np.ndarray:
-    return self._handles[self._file_of[name]].get_tensor(name)
+    with safe_open(self._folder / self._file_of[name], framework='numpy') as handle:
+      return handle.get_tensor(name)
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._file_of)
@@ -68,6 +78,15 @@ class SafetensorsReader(Mapping):
 
 def _read_json(path: Path) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_preprocessor(folder: Path) -> dict | None:
+  """The image processor's settings: preprocessor_config.json, or the `image_processor`
+  entry of processor_config.json (where transformers >= 5 saves a processor's)."""
+  preprocessor = _read_json(folder / 'preprocessor_config.json')
+  if preprocessor is None:
+    preprocessor = (_read_json(folder / 'processor_config.json') or {}).get('image_processor')
+  return preprocessor
 
 
 def _placer(shardings: Any, root: tuple[str, ...] = ()) -> convert.PlaceFn:
@@ -91,7 +110,8 @@ def load_pretrained(
 
   Args:
     folder: holds config.json (LLaVA, Llama/Qwen2/Mistral, or CLIP/SigLIP vision), the
-      safetensors, and optionally preprocessor_config.json (image mean/std).
+      safetensors, and optionally preprocessor_config.json or processor_config.json
+      (image mean/std).
     shardings: optional pytree of `jax.sharding.Sharding` matching the params; each
       parameter is placed with it as soon as it is read.
     **overrides: VLMConfig fields for a LLaVA checkpoint (dtype, remat, scan_layers, ...).
@@ -104,7 +124,7 @@ def load_pretrained(
   raw_config = _read_json(folder / 'config.json')
   if raw_config is None:
     raise ValueError(f'{folder}: config.json is missing')
-  preprocessor = _read_json(folder / 'preprocessor_config.json')
+  preprocessor = _read_preprocessor(folder)
   if raw_config.get('model_type') == 'llava':
     config = hf_config.vlm_config_from_hf(raw_config, preprocessor, **overrides)
   elif overrides:
@@ -145,7 +165,7 @@ def load_llm_and_vision(
   llm_config = hf_config.llm_config_from_hf(_read_json(llm_folder / 'config.json'))
   vision_config = hf_config.vision_config_from_hf(
       _read_json(vision_folder / 'config.json'),
-      preprocessor=_read_json(vision_folder / 'preprocessor_config.json'),
+      preprocessor=_read_preprocessor(vision_folder),
   )
   config = VLMConfig(
       llm=llm_config, vision=vision_config, projector=projector,
@@ -205,6 +225,9 @@ def save_pretrained(
   """
   if dtype not in SAVE_DTYPES:
     raise ValueError(f'dtype {dtype!r} not one of {sorted(SAVE_DTYPES)}')
+  if getattr(config, 'lora', None) is not None:  # merged: W + A B * alpha / rank, dequantized
+    params = lora_lib.merge_params(params, config.lora)
+    config = dataclasses.replace(config, lora=None)
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   if isinstance(config, VLMConfig):
@@ -221,41 +244,54 @@ def save_pretrained(
   save_dtype = SAVE_DTYPES[dtype]
   for stale in [*folder.glob('model*.safetensors'), folder / INDEX_FILE]:
     stale.unlink(missing_ok=True)
-  # Shards are written as they fill, under temporary names until their count is known.
-  shard_files: list[Path] = []
-  weight_map: dict[str, Path] = {}
-  shard: dict[str, np.ndarray] = {}
+  # Pass 1, over zero-strided stand-ins (no data): every tensor's name and shape, in shards.
+  stand_ins = jax.tree.map(lambda leaf: np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape),
+                           dict(params))
+  shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
   shard_bytes = total_bytes = 0
+  for name, tensor in convert.iter_hf_tensors(stand_ins, config):
+    num_bytes = tensor.size * save_dtype.itemsize
+    if shards[-1] and shard_bytes + num_bytes > limit:
+      shards.append([])
+      shard_bytes = 0
+    shards[-1].append((name, tensor.shape))
+    shard_bytes += num_bytes
+    total_bytes += num_bytes
+  file_names = ['model.safetensors'] if len(shards) == 1 else [
+      f'model-{number:05d}-of-{len(shards):05d}.safetensors'
+      for number in range(1, len(shards) + 1)]
+  # Pass 2: each tensor is converted, written and dropped; the host holds one at a time.
+  tensors = convert.iter_hf_tensors(params, config)
+  for file_name, shard in zip(file_names, shards):
+    with open(folder / file_name, 'wb') as file:
+      _write_safetensors_header(file, shard, save_dtype)
+      for name, shape in shard:
+        found, tensor = next(tensors)
+        if (found, tuple(tensor.shape)) != (name, tuple(shape)):
+          raise RuntimeError(f'export order changed: {found} {tensor.shape} for {name} {shape}')
+        np.ascontiguousarray(tensor, dtype=save_dtype).tofile(file)
+  if len(shards) > 1:
+    index = {
+        'metadata': {'total_size': total_bytes},
+        'weight_map': {name: file_name for file_name, shard in zip(file_names, shards)
+                       for name, _ in shard},
+    }
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
 
-  def flush():
-    path = folder / f'model-partial-{len(shard_files) + 1:05d}.safetensors'
-    save_file(shard, path, metadata={'format': 'pt'})
-    shard_files.append(path)
-    weight_map.update(dict.fromkeys(shard, path))
 
-  for name, tensor in convert.iter_hf_tensors(params, config):
-    tensor = np.ascontiguousarray(tensor.astype(save_dtype))
-    if shard and shard_bytes + tensor.nbytes > limit:
-      flush()
-      shard, shard_bytes = {}, 0
-    shard[name] = tensor
-    shard_bytes += tensor.nbytes
-    total_bytes += tensor.nbytes
-  flush()
-  if len(shard_files) == 1:
-    shard_files[0].rename(folder / 'model.safetensors')
-    return
-  final_names = {
-      path: f'model-{number:05d}-of-{len(shard_files):05d}.safetensors'
-      for number, path in enumerate(shard_files, start=1)
-  }
-  for path, final_name in final_names.items():
-    path.rename(folder / final_name)
-  index = {
-      'metadata': {'total_size': total_bytes},
-      'weight_map': {name: final_names[path] for name, path in weight_map.items()},
-  }
-  (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+def _write_safetensors_header(file: BinaryIO, shard: list[tuple[str, tuple[int, ...]]],
+                              dtype: np.dtype) -> None:
+  """The safetensors header (little-endian u64 length, JSON) of `shard`'s tensors, in order."""
+  header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
+  offset = 0
+  for name, shape in shard:
+    num_bytes = math.prod(shape) * dtype.itemsize
+    header[name] = {'dtype': SAFETENSORS_DTYPES[dtype], 'shape': list(shape),
+                    'data_offsets': [offset, offset + num_bytes]}
+    offset += num_bytes
+  encoded = json.dumps(header, separators=(',', ':')).encode()
+  encoded += b' ' * (-len(encoded) % 8)  # the data starts 8-byte aligned
+  file.write(struct.pack('<Q', len(encoded)) + encoded)
 
 
 def save_processor(
@@ -309,7 +345,7 @@ def load_config(folder: str | os.PathLike, **overrides: Any) -> VLMConfig:
     raise ValueError(f"{folder}/config.json: model_type {raw_config.get('model_type')!r} is not "
                      "'llava'; for a bare decoder and vision tower use llm_from + vision_from")
   return hf_config.vlm_config_from_hf(
-      raw_config, _read_json(folder / 'preprocessor_config.json'), **overrides)
+      raw_config, _read_preprocessor(folder), **overrides)
 
 
 def load_stage1_config(llm_folder: str | os.PathLike, vision_folder: str | os.PathLike, *,
@@ -321,7 +357,7 @@ def load_stage1_config(llm_folder: str | os.PathLike, vision_folder: str | os.Pa
       llm=hf_config.llm_config_from_hf(_read_json(llm_folder / 'config.json')),
       vision=hf_config.vision_config_from_hf(
           _read_json(vision_folder / 'config.json'),
-          preprocessor=_read_json(vision_folder / 'preprocessor_config.json')),
+          preprocessor=_read_preprocessor(vision_folder)),
       projector=projector, image_token_id=image_token_id, **overrides)
 
 

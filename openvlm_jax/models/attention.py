@@ -4,12 +4,17 @@ One entry point, `dot_product_attention`, with a choice of implementation:
 - 'xla': plain jnp, grouped-query attention without repeating the key/value heads,
   softmax in float32; runs everywhere.
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs).
-- 'pallas': reserved for the kernels in `pallas_kernels/`.
+- 'pallas': `pallas_kernels.flash_attention`, which builds the mask blockwise from per-token
+  information instead of reading a dense one: the decoder passes a `CausalPaddingMask`, the
+  vision tower none. A dense mask (cached decoding) falls back to 'xla'.
 """
 
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels import flash_attention as pallas_flash
 
 _MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
 
@@ -27,6 +32,32 @@ def make_causal_mask(attention_mask: jax.Array) -> jax.Array:
   causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))  # [q, kv]
   key_is_real = attention_mask.astype(jnp.bool_)[:, None, None, :]  # [batch, 1, 1, kv]
   return causal[None, None] & key_is_real
+
+
+class CausalPaddingMask(NamedTuple):
+  """A causal mask with key padding, kept as the [batch, seq] mask it is built from."""
+
+  attention_mask: jax.Array  # [batch, seq], 1 at real tokens, 0 at padding
+
+
+def decoder_mask(attention_mask: jax.Array, impl: str) -> jax.Array | CausalPaddingMask:
+  """The decoder's mask in the form `impl` wants: dense [batch, 1, seq, seq] or compact."""
+  if impl == 'pallas':
+    return CausalPaddingMask(attention_mask)
+  return make_causal_mask(attention_mask)
+
+
+def _pallas_attention(query, key, value, mask, scale):
+  """Flash attention kernels; see `dot_product_attention`."""
+  if mask is None:
+    return pallas_flash.flash_attention(query, key, value, scale=scale)
+  if not isinstance(mask, CausalPaddingMask):  # a dense mask (cached decoding): no kernel
+    return _xla_attention(query, key, value, mask, scale)
+  key_segments = mask.attention_mask.astype(jnp.int32)  # [batch, kv_len]: 0 marks padding
+  query_segments = jnp.ones(query.shape[:2], jnp.int32)  # every query sees the real keys
+  return pallas_flash.flash_attention(
+      query, key, value, causal=True, segment_ids=query_segments, kv_segment_ids=key_segments,
+      scale=scale)
 
 
 def _xla_attention(query, key, value, mask, scale):
@@ -56,7 +87,7 @@ def dot_product_attention(
     key: jax.Array,
     value: jax.Array,
     *,
-    mask: jax.Array | None = None,
+    mask: jax.Array | CausalPaddingMask | None = None,
     scale: float | None = None,
     impl: str = 'xla',
 ) -> jax.Array:
@@ -67,7 +98,8 @@ def dot_product_attention(
     key: [batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
     value: [batch, kv_len, kv_heads, head_dim].
     mask: optional boolean [batch, 1 or heads, q_len, kv_len]; True where attention is
-      allowed (causal and padding combined). None attends everywhere (a ViT).
+      allowed (causal and padding combined); or a `CausalPaddingMask`. None attends
+      everywhere (a ViT).
     scale: logit scale; defaults to head_dim ** -0.5.
     impl: 'xla' | 'cudnn' | 'pallas'.
 
@@ -79,15 +111,14 @@ def dot_product_attention(
     raise ValueError(f'kv heads ({num_kv_heads}) must divide query heads ({num_heads})')
   if scale is None:
     scale = query.shape[-1] ** -0.5
+  if impl == 'pallas':
+    return _pallas_attention(query, key, value, mask, scale)
+  if isinstance(mask, CausalPaddingMask):
+    mask = make_causal_mask(mask.attention_mask)
   if impl == 'xla':
     return _xla_attention(query, key, value, mask, scale)
   if impl == 'cudnn':
     return jax.nn.dot_product_attention(
         query, key, value, mask=mask, scale=scale, implementation='cudnn'
-    )
-  if impl == 'pallas':
-    raise NotImplementedError(
-        "attention impl 'pallas' is not wired in yet; use attention_impl='xla' (or 'cudnn' on "
-        'NVIDIA GPUs)'
     )
   raise ValueError(f"unknown attention impl {impl!r}; expected 'xla', 'cudnn' or 'pallas'")

@@ -72,6 +72,17 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the Dense layers whose parameter path matches one of `targets`."""
+
+  rank: int = 0  # 0: no adapters
+  alpha: float = 16.0  # the update is scaled by alpha / rank
+  dropout: float = 0.0  # on the adapter's input, when a 'dropout' rng is given
+  targets: tuple[str, ...] = ()  # regexes over module paths like 'llm/layers/attention/q_proj'
+  base_dtype: str = 'float32'  # frozen base kernel of targets: 'float32' | 'bf16' | 'int8' | 'nf4'
+
+
+@dataclasses.dataclass(frozen=True)
 class VLMConfig:
   """A LLaVA-style model: vision tower -> projector -> decoder LLM."""
 
@@ -85,3 +96,4 @@ class VLMConfig:
   remat: str = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
   scan_layers: bool = True
   attention_impl: str = 'xla'  # 'xla' | 'pallas' | 'cudnn'
+  lora: Optional[LoraConfig] = None

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from openvlm_jax.models import lora
+
 Dtype = Any
 LogicalNames = tuple[str | None, ...]
 
@@ -29,6 +31,25 @@ def to_dtype(name_or_dtype: str | Dtype) -> Dtype:
   return name_or_dtype
 
 
+class _Reshaped(nn.LogicallyPartitioned):
+  """A named kernel or bias that `nn.DenseGeneral` creates flat and then reshapes.
+
+  DenseGeneral unboxes the flat array before the reshape; under a mesh, a plain box would
+  then constrain it with more axis names than it has dimensions and fail. This box constrains
+  only an array of the named rank.
+  """
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
+def _named_init(initializer, names: LogicalNames):
+  """`initializer` boxed with logical `names`, safe for DenseGeneral's flat-then-reshape."""
+  def init(key, shape, dtype=jnp.float32):
+    return _Reshaped(initializer(key, shape, dtype), tuple(names))
+  return init
+
+
 def dense(
     features: int | Sequence[int],
     kernel_names: LogicalNames,
@@ -39,20 +60,29 @@ def dense(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.DenseGeneral:
+) -> nn.Module:
   """A `nn.DenseGeneral` whose kernel and bias carry logical axis names.
 
   `kernel_names` names every kernel axis (contracted axes first, then features);
-  `bias_names` names the feature axes.
+  `bias_names` names the feature axes. While a LoRA config is active (see `lora.py`), a
+  `LoraDense` with the same parameters, plus adapters where its path is a target.
   """
+  lora_config = lora.current_config()
+  if lora_config is not None:
+    features = (features,) if isinstance(features, int) else tuple(features)
+    return lora.LoraDense(
+        features=features, axis=(axis,) if isinstance(axis, int) else tuple(axis),
+        kernel_names=tuple(kernel_names), bias_names=tuple(bias_names), use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, lora=lora_config,
+        name=name)
   return nn.DenseGeneral(
       features=features,
       axis=axis,
       use_bias=use_bias,
       dtype=dtype,
       param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(kernel_init, kernel_names),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_names),
+      kernel_init=_named_init(kernel_init, kernel_names),
+      bias_init=_named_init(nn.initializers.zeros_init(), bias_names),
       name=name,
   )
 

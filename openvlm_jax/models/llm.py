@@ -103,6 +103,21 @@ class SelfAttention(nn.Module):
     )  # [batch, seq, heads, head_dim]
     return self.o_proj(attended)
 
+  def attend_cached(self, hidden, cos, sin, mask, key_cache, value_cache, write_index):
+    """Attention over a KV cache after writing this chunk's keys and values into it.
+
+    hidden [b, s, embed]; mask [b, 1, s, cache_len]; key_cache, value_cache
+    [b, cache_len, kv_heads, d]; the chunk goes to cache slots write_index .. write_index + s.
+    Returns ([b, s, embed], (key_cache, value_cache)).
+    """
+    query, key, value = self.project_qkv(hidden, cos, sin)
+    start = (0, write_index, 0, 0)
+    key_cache = jax.lax.dynamic_update_slice(key_cache, key.astype(key_cache.dtype), start)
+    value_cache = jax.lax.dynamic_update_slice(value_cache, value.astype(value_cache.dtype), start)
+    attended = attention.dot_product_attention(
+        query, key_cache, value_cache, mask=mask, impl=self.attention_impl)
+    return self.o_proj(attended), (key_cache, value_cache)
+
 
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x))."""
@@ -131,17 +146,25 @@ class DecoderLayer(nn.Module):
   attention_impl: str = 'xla'
 
   @nn.compact
-  def __call__(self, hidden, cos, sin, mask):
-    """hidden [batch, seq, embed], cos/sin [batch, seq, head_dim], mask [b, 1, seq, seq]."""
+  def __call__(self, hidden, cos, sin, mask, cache=None):
+    """hidden [batch, seq, embed], cos/sin [batch, seq, head_dim], mask [b, 1, seq, seq].
+
+    With `cache = (key_cache, value_cache, write_index)` (see `SelfAttention.attend_cached`)
+    the mask spans the cache, [b, 1, seq, cache_len], and the updated (key_cache,
+    value_cache) is returned in place of None.
+    """
     cfg = self.config
     kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
     normed = layers.rms_norm(cfg.rms_norm_eps, name='input_norm', **kw)(hidden)
-    hidden = hidden + SelfAttention(
-        cfg, attention_impl=self.attention_impl, name='attention', **kw
-    )(normed, cos, sin, mask)
+    self_attention = SelfAttention(cfg, attention_impl=self.attention_impl, name='attention', **kw)
+    if cache is None:
+      attended, new_cache = self_attention(normed, cos, sin, mask), None
+    else:
+      attended, new_cache = self_attention.attend_cached(normed, cos, sin, mask, *cache)
+    hidden = hidden + attended
     normed = layers.rms_norm(cfg.rms_norm_eps, name='post_attention_norm', **kw)(hidden)
     hidden = hidden + SwiGLU(cfg, name='mlp', **kw)(normed)
-    return nn.with_logical_constraint(hidden, ACTIVATION_NAMES), None
+    return nn.with_logical_constraint(hidden, ACTIVATION_NAMES), new_cache
 
 
 _LAYER_IN_AXES = (nn.broadcast, nn.broadcast, nn.broadcast)
@@ -217,13 +240,77 @@ class LLM(nn.Module):
       positions = positions_from_mask(attention_mask)
     cos, sin = rope_cos_sin(positions, self.inv_freq)
     if attention_mask.ndim == 2:
-      mask = attention.make_causal_mask(attention_mask)
+      mask = attention.decoder_mask(attention_mask, self.attention_impl)
     else:
       mask = attention_mask.astype(jnp.bool_)
     hidden = layers.apply_layer_stack(self.layers, hidden, (cos, sin, mask), _LAYER_IN_AXES)
+    return self.project_to_vocab(hidden)
+
+  def project_to_vocab(self, hidden: jax.Array) -> jax.Array:
+    """Final norm and lm_head (or the tied embedding): [b, s, embed] -> float32 [b, s, vocab]."""
     hidden = self.final_norm(hidden)
     if self.config.tie_embeddings:
       logits = self.embed_tokens.attend(hidden)
     else:
       logits = self.lm_head(hidden)
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab')).astype(jnp.float32)
+
+  def decode(
+      self,
+      inputs_embeds: jax.Array,
+      *,
+      positions: jax.Array,
+      cache_mask: jax.Array,
+      cache: dict,
+      write_index: jax.Array,
+  ) -> tuple[jax.Array, dict]:
+    """Runs a chunk of tokens against a KV cache (prefill, then one token at a time).
+
+    Args:
+      inputs_embeds: [batch, chunk, embed], the chunk's embeddings.
+      positions: [batch, chunk] rotary positions.
+      cache_mask: [batch, cache_len], 1 at cache slots holding real tokens once this chunk is
+        written (left padding of the prompt stays 0).
+      cache: `{'key', 'value'}` each [layers, batch, cache_len, kv_heads, head_dim] (see
+        `init_cache`); layer l reads slice l.
+      write_index: int32 scalar, the cache slot of the chunk's first token.
+
+    Returns:
+      (float32 logits [batch, chunk, vocab], the updated cache).
+    """
+    cfg = self.config
+    hidden = inputs_embeds.astype(self.dtype)
+    cos, sin = rope_cos_sin(positions, self.inv_freq)
+    chunk, cache_len = hidden.shape[1], cache['key'].shape[2]
+    query_slots = write_index + jnp.arange(chunk)  # [chunk]
+    causal = jnp.arange(cache_len)[None, :] <= query_slots[:, None]  # [chunk, cache_len]
+    mask = causal[None, None] & cache_mask.astype(jnp.bool_)[:, None, None, :]
+    layer = DecoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
+                         attention_impl=self.attention_impl, parent=None)
+    params = self.variables['params']
+
+    def run_layer(hidden, layer_params, key_cache, value_cache):
+      return layer.apply({'params': layer_params}, hidden, cos, sin, mask,
+                         cache=(key_cache, value_cache, write_index))
+
+    if self.scan_layers:
+      def body(hidden, layer_inputs):
+        hidden, layer_cache = run_layer(hidden, *layer_inputs)
+        return hidden, layer_cache
+      hidden, (keys, values) = jax.lax.scan(
+          body, hidden, (params['layers'], cache['key'], cache['value']))
+    else:
+      keys, values = [], []
+      for index in range(cfg.num_layers):
+        hidden, (key, value) = run_layer(hidden, params[f'layers_{index}'],
+                                         cache['key'][index], cache['value'][index])
+        keys.append(key)
+        values.append(value)
+      keys, values = jnp.stack(keys), jnp.stack(values)
+    return self.project_to_vocab(hidden), {'key': keys, 'value': values}
+
+
+def init_cache(config: LLMConfig, batch_size: int, cache_len: int, dtype: Any = jnp.float32) -> dict:
+  """An empty KV cache: `{'key', 'value'}` each [layers, batch, cache_len, kv_heads, head_dim]."""
+  shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads, config.resolved_head_dim)
+  return {'key': jnp.zeros(shape, dtype), 'value': jnp.zeros(shape, dtype)}

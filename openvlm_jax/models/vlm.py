@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from openvlm_jax.models import layers
+from openvlm_jax.models import layers, lora
 from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.llm import LLM
 from openvlm_jax.models.projector import Projector
@@ -63,8 +63,9 @@ class VLM(nn.Module):
   def encode_images(self, images: jax.Array) -> jax.Array:
     """Projected image features: images [b, n, H, W, 3] -> [b, n, num_image_tokens, embed]."""
     batch, num_images = images.shape[:2]
-    features = self.vision(images.reshape(batch * num_images, *images.shape[2:]))
-    features = self.projector(features)  # [b * n, tokens, embed]
+    with lora.active_config(self.config.lora):
+      features = self.vision(images.reshape(batch * num_images, *images.shape[2:]))
+      features = self.projector(features)  # [b * n, tokens, embed]
     return features.reshape(batch, num_images, *features.shape[1:])
 
   def __call__(
@@ -92,19 +93,44 @@ class VLM(nn.Module):
     Returns:
       [batch, seq, vocab] float32 logits.
     """
-    text_embeds = self.llm.embed(input_ids)  # [batch, seq, embed]
-    if image_features is None and images is not None:
-      image_features = self.encode_images(images)
-    if image_features is not None:
-      text_embeds = merge_image_features(
-          input_ids, text_embeds, image_features, self.config.image_token_id
+    with lora.active_config(self.config.lora):
+      text_embeds = self.llm.embed(input_ids)  # [batch, seq, embed]
+      if image_features is None and images is not None:
+        image_features = self.encode_images(images)
+      if image_features is not None:
+        text_embeds = merge_image_features(
+            input_ids, text_embeds, image_features, self.config.image_token_id
+        )
+      return self.llm(
+          inputs_embeds=text_embeds,
+          positions=positions,
+          attention_mask=attention_mask,
+          deterministic=deterministic,
       )
-    return self.llm(
-        inputs_embeds=text_embeds,
-        positions=positions,
-        attention_mask=attention_mask,
-        deterministic=deterministic,
-    )
+
+  def decode(
+      self,
+      input_ids: jax.Array,
+      *,
+      positions: jax.Array,
+      cache_mask: jax.Array,
+      cache: dict,
+      write_index: jax.Array,
+      image_features: jax.Array | None = None,
+  ) -> tuple[jax.Array, dict]:
+    """A chunk of tokens through the LLM's KV cache (see `LLM.decode`).
+
+    input_ids [batch, chunk]; image_features [batch, max_images, tokens, embed] from
+    `encode_images`, merged at the chunk's image tokens (give them with the prompt).
+    Returns (float32 logits [batch, chunk, vocab], the updated cache).
+    """
+    with lora.active_config(self.config.lora):
+      text_embeds = self.llm.embed(input_ids)  # [batch, chunk, embed]
+      if image_features is not None:
+        text_embeds = merge_image_features(
+            input_ids, text_embeds, image_features, self.config.image_token_id)
+      return self.llm.decode(text_embeds, positions=positions, cache_mask=cache_mask,
+                             cache=cache, write_index=write_index)
 
 
 def dummy_inputs(config: VLMConfig, batch_size: int = 1, seq_len: int = 8) -> dict:

@@ -1,14 +1,28 @@
-"""Objectives: (logits, batch) -> summed loss terms. `get(name)` picks one by config name."""
+"""Objectives: (logits, batch) -> summed loss terms. `get(config.objective, tokenizer)` picks one."""
 
-from typing import Callable
+import functools
+from collections.abc import Callable
+from typing import Any
 
-from openvlm_jax.objectives import sft
+from openvlm_jax.objectives import quantitative, sft
 
-_OBJECTIVES = {'sft': sft.loss_terms}
+_OBJECTIVES = ('sft', 'quantitative')
 
 
-def get(name: str) -> Callable:
-  """The loss-terms function of the objective called `name`."""
+def get(objective: Any, tokenizer: Any = None) -> Callable:
+  """The loss-terms function of an objective: a name, or a `config.objective` section.
+
+  'quantitative' reads `ntl_weight` (default 0.3) and `ntl_kind` ('was' | 'mse') from the
+  section and needs the tokenizer to find the number tokens.
+  """
+  name = objective if isinstance(objective, str) else objective.name
   if name not in _OBJECTIVES:
     raise ValueError(f'config.objective.name={name!r} is unknown; known: {sorted(_OBJECTIVES)}')
-  return _OBJECTIVES[name]
+  if name == 'sft':
+    return sft.loss_terms
+  if tokenizer is None:
+    raise ValueError("objective 'quantitative' needs the tokenizer (for its number tokens)")
+  options = {} if isinstance(objective, str) else objective
+  return functools.partial(
+      quantitative.loss_terms, number_tokens=quantitative.number_tokens_of(tokenizer),
+      ntl_weight=float(options.get('ntl_weight', 0.3)), ntl_kind=options.get('ntl_kind', 'was'))

@@ -58,8 +58,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- Data, tokenizer and model -------------------------------------------------------------
   run = setup.make_run(config, workdir)
   train_iterator = setup.train_iterator(run)
-  loss_terms = objectives.get(config.objective.name)
-  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, training.num_steps)
+  loss_terms = objectives.get(config.objective, run.tokenizer)
+  trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, training.num_steps,
+                                                     trainable)
   example_inputs = setup.example_inputs(run)
   shardings = state_lib.state_shardings(run.model, optimizer, example_inputs, run.mesh,
                                         config.logical_axis_rules)
@@ -77,18 +79,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = setup.pretrained_params(run, shardings.params)
     state = state_lib.create_train_state(run.model, optimizer, example_inputs, shardings,
                                          jax.random.key(config.seed), params=params)
-  num_params = sum(leaf.size for leaf in jax.tree.leaves(state.params))
-  logging.info('Model: %.2fM parameters, all trained', num_params / 1e6)
+  num_trained, num_params = optimizer_lib.count_trainable(state.params, trainable(state.params))
+  logging.info('Model: %.2fM parameters, %.2fM trained (%.1f%%)', num_params / 1e6,
+               num_trained / 1e6, 100 * num_trained / max(num_params, 1))
 
   # ---- Compile -------------------------------------------------------------------------------
   batch_sharding = parallel.batch_sharding(run.mesh)
   train_step = jax.jit(
       step_lib.make_train_step(run.model, loss_terms, optimizer, schedule,
-                               config.optimizer.grad_accum_steps),
+                               config.optimizer.grad_accum_steps, trainable=trainable),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
       donate_argnums=0)
   eval_step = jax.jit(step_lib.make_eval_step(run.model, loss_terms),
                       in_shardings=(shardings.params, batch_sharding))
+  # Traced under the mesh and rules, so the models' activation constraints take effect.
+  train_step = parallel.under_mesh(train_step, run.mesh, config.logical_axis_rules)
+  eval_step = parallel.under_mesh(eval_step, run.mesh, config.logical_axis_rules)
 
   # ---- Loop ----------------------------------------------------------------------------------
   logger = MetricLogger(workdir)

@@ -5,6 +5,7 @@ import os
 from typing import Any, Iterator, Optional
 
 from absl import logging
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -17,8 +18,10 @@ from openvlm_jax.data import digits
 from openvlm_jax.data import pipeline
 from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.hf import io as hf_io
+from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.vlm import VLM
+from openvlm_jax.training import state as state_lib
 
 
 @dataclasses.dataclass
@@ -43,7 +46,8 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[tuple, 
   """The train and eval JSONL files; the embedded digits dataset when none are configured."""
   if config.data.train_files:
     return tuple(config.data.train_files), tuple(config.data.eval_files)
-  built = digits.build_digits_dataset(os.path.join(workdir, 'data'), seed=config.seed)
+  built = digits.build_digits_dataset(os.path.join(workdir, 'data'), seed=config.seed,
+                                      task=config.data.demo_task)
   return (built['train'],), (built['eval'],)
 
 
@@ -74,7 +78,7 @@ def model_config(config: ml_collections.ConfigDict,
   """
   image_token_id = tokenizer.convert_tokens_to_ids(tokenizer_lib.image_token_of(tokenizer))
   model = config.model
-  runtime = runtime_overrides(model)
+  runtime = dict(runtime_overrides(model), lora=config_lib.lora_config(config.lora))
   if model.init_from:
     return hf_io.load_config(model.init_from, **runtime)
   if model.llm_from or model.vision_from:
@@ -83,7 +87,7 @@ def model_config(config: ml_collections.ConfigDict,
     return hf_io.load_stage1_config(model.llm_from, model.vision_from, projector=model.projector,
                                     image_token_id=image_token_id, **runtime)
   return config_lib.build_vlm_config(model, vocab_size=len(tokenizer),
-                                     image_token_id=image_token_id)
+                                     image_token_id=image_token_id, lora=config.lora)
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -148,6 +152,16 @@ def pretrained_params(run: Run, param_shardings: Any) -> Optional[Any]:
   """Parameters imported from Hugging Face folders, placed with their shardings; or None."""
   model = run.config.model
   vlm_config, runtime = run.vlm_config, runtime_overrides(model)
+  if vlm_config.lora is not None:
+    # Float weights first (unplaced), then adapters added and LoRA targets quantized.
+    float_params = pretrained_params(
+        dataclasses.replace(run, vlm_config=dataclasses.replace(vlm_config, lora=None)), None)
+    if float_params is None:
+      return None
+    abstract = nn.unbox(state_lib.abstract_boxed_params(run.model, example_inputs(run)))
+    params = lora_lib.adapt_params(float_params, abstract, vlm_config.lora,
+                                   jax.random.key(run.config.seed + 1))
+    return jax.device_put(params, param_shardings)
   if model.init_from:
     return hf_io.load_pretrained(model.init_from, shardings=param_shardings, **runtime)[1]
   if model.llm_from:

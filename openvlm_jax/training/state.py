@@ -35,8 +35,19 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation,
   return TrainState(
       step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
       params=parallel.logical_shardings(boxed_params, mesh, rules),
-      opt_state=parallel.logical_shardings(boxed_opt_state, mesh, rules),
+      opt_state=_masked_aware_shardings(boxed_opt_state, mesh, rules),
   )
+
+
+def _masked_aware_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+  """`parallel.logical_shardings`, keeping the empty `optax.MaskedNode`s of frozen params."""
+  def is_masked(node):
+    value = node.value if isinstance(node, nn.Partitioned) else node
+    return isinstance(value, optax.MaskedNode)
+  return jax.tree.map(
+      lambda node: optax.MaskedNode() if is_masked(node)
+      else parallel.logical_shardings(node, mesh, rules),
+      boxed_tree, is_leaf=lambda node: is_masked(node) or isinstance(node, nn.Partitioned))
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation,

@@ -7,15 +7,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training.state import TrainState
 
 MODEL_INPUTS = ('input_ids', 'images', 'positions', 'attention_mask')
 
 
-def model_logits(model: nn.Module, params, batch: dict) -> jax.Array:
-  """Runs the VLM on a batch dict. Returns logits [batch, seq, vocab]."""
+def model_logits(model: nn.Module, params, batch: dict, rngs: dict | None = None) -> jax.Array:
+  """Runs the VLM on a batch dict. Returns logits [batch, seq, vocab].
+
+  `rngs` ({'dropout': key}) turns on dropout (the LoRA adapters' input dropout).
+  """
   return model.apply({'params': params}, batch['input_ids'], batch['images'],
-                     positions=batch['positions'], attention_mask=batch['attention_mask'])
+                     positions=batch['positions'], attention_mask=batch['attention_mask'],
+                     rngs=rngs)
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
@@ -32,35 +37,48 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
 
 
 def make_train_step(model: nn.Module, loss_terms: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+                    schedule: optax.Schedule, grad_accum_steps: int = 1,
+                    trainable: Callable | None = None) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
 
   Gradients of the summed loss are accumulated over `grad_accum_steps` micro-batches and
-  divided by the number of target tokens in the whole global batch.
+  divided by the number of target tokens in the whole global batch. With `trainable`
+  (params -> tree of bools, the optimizer's mask), only trainable parameters are
+  differentiated and updated; frozen ones enter the loss as constants.
   """
-
-  def summed_loss(params, batch):
-    terms = loss_terms(model_logits(model, params, batch), batch)
-    return terms['loss_sum'], terms
-
-  grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+  trainable = trainable or optimizer_lib.all_trainable
 
   def train_step(state: TrainState, batch: dict):
+    mask = trainable(state.params)  # Python bools: static under jit
+    train_params, frozen_params = optimizer_lib.split_trainable(state.params, mask)
+
+    lora = getattr(getattr(model, 'config', None), 'lora', None)
+    rngs = None
+    if lora is not None and lora.dropout > 0:
+      rngs = {'dropout': jax.random.fold_in(jax.random.key(0), state.step)}
+
+    def summed_loss(train_params, batch):
+      params = optimizer_lib.merge_trainable(train_params, frozen_params, mask)
+      terms = loss_terms(model_logits(model, params, batch, rngs), batch)
+      return terms['loss_sum'], terms
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
     if grad_accum_steps == 1:
-      (_, terms), grads = grad_fn(state.params, batch)
+      (_, terms), grads = grad_fn(train_params, batch)
     else:
       def accumulate(carry, micro_batch):
-        (_, micro_terms), micro_grads = grad_fn(state.params, micro_batch)
+        (_, micro_terms), micro_grads = grad_fn(train_params, micro_batch)
         return jax.tree.map(jnp.add, carry, (micro_grads, micro_terms)), None
-      zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+      zero_grads = jax.tree.map(jnp.zeros_like, train_params)
       zero_terms = jax.tree.map(jnp.zeros_like,
-                                jax.eval_shape(summed_loss, state.params, batch)[1])
+                                jax.eval_shape(summed_loss, train_params, batch)[1])
       (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms),
                                        split_micro_batches(batch, grad_accum_steps))
     num_tokens = jnp.maximum(terms['num_tokens'], 1.0)
     grads = jax.tree.map(lambda grad: grad / num_tokens, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
+    params = optimizer_lib.merge_trainable(
+        optax.apply_updates(train_params, updates), frozen_params, mask)
     metrics = dict(
         loss=terms['loss_sum'] / num_tokens,
         nll=terms['nll_sum'] / num_tokens,

@@ -1,0 +1,244 @@
+"""LoRA and QLoRA Dense layers: y = x W + dropout(x) A B * alpha / rank.
+
+`layers.dense` builds a `LoraDense` while a LoRA config is active (`VLM` activates its
+`config.lora` around its methods with `active_config`). A `LoraDense` whose module path
+(e.g. 'llm/layers/attention/q_proj') matches one of `LoraConfig.targets` gets 'lora_a'
+[in..., rank] (logical axes of W's inputs + 'lora_rank') and 'lora_b' [rank, out...]
+('lora_rank' + W's output axes), B starting at zero; its frozen base kernel is stored as
+configured: 'kernel' (float32 or bfloat16), 'kernel_int8' + 'kernel_scale', or 'kernel_nf4'
++ 'kernel_absmax', dequantized inside the layer. Other Dense layers compute exactly what
+`nn.DenseGeneral` computes, with the same parameters.
+"""
+
+import contextlib
+import contextvars
+import math
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import dtypes as flax_dtypes
+
+from openvlm_jax.models import quant
+from openvlm_jax.models.config import LoraConfig
+
+LORA_PARAMS = ('lora_a', 'lora_b')
+QUANTIZED_PARAMS = ('kernel_int8', 'kernel_scale', 'kernel_nf4', 'kernel_absmax')
+_ACTIVE: contextvars.ContextVar[LoraConfig | None] = contextvars.ContextVar(
+    'lora_config', default=None)
+
+
+@contextlib.contextmanager
+def active_config(config: LoraConfig | None) -> Iterator[None]:
+  """Makes `config` the LoRA config that `layers.dense` reads while the block runs."""
+  token = _ACTIVE.set(config if config is not None and config.rank > 0 else None)
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def current_config() -> LoraConfig | None:
+  """The active LoRA config (rank > 0), or None."""
+  return _ACTIVE.get()
+
+
+def is_target(config: LoraConfig | None, module_path: str) -> bool:
+  """Whether the Dense at `module_path` ('llm/layers/mlp/up_proj') gets adapters."""
+  if config is None or config.rank <= 0:
+    return False
+  return any(re.fullmatch(pattern, module_path) for pattern in config.targets)
+
+
+def lora_a_init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """Kaiming-uniform (a = sqrt(5)) over the input axes, as PEFT initialises lora_A.
+
+  `shape` is [in..., rank]; the bound is 1 / sqrt(prod(in)).
+  """
+  bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+  return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
+
+
+class LoraDense(nn.Module):
+  """`nn.DenseGeneral` over trailing input axes, with LoRA where its path is a target."""
+
+  features: tuple[int, ...]
+  axis: tuple[int, ...]
+  kernel_names: tuple[str | None, ...]
+  bias_names: tuple[str | None, ...] = ()
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.normal(stddev=0.02)
+  lora: LoraConfig | None = None
+
+  def _float_kernel(self, kernel_shape: tuple[int, ...], num_in: int):
+    """Creates the base kernel (flat init then reshape, as DenseGeneral does)."""
+    def init(key, shape, dtype):
+      flat = (math.prod(shape[:num_in]), math.prod(shape[num_in:]))
+      return jnp.reshape(self.kernel_init(key, flat, dtype), shape)
+    return init
+
+  def _base_kernel(self, kernel_shape: tuple[int, ...], target: bool) -> jax.Array:
+    """The base kernel in param dtype, dequantized when stored quantized."""
+    num_in = len(self.axis)
+    float_init = self._float_kernel(kernel_shape, num_in)
+    base_dtype = self.lora.base_dtype if target else 'float32'
+    if base_dtype not in quant.BASE_DTYPES:
+      raise ValueError(f'unknown lora base_dtype {base_dtype!r}; expected {quant.BASE_DTYPES}')
+    if base_dtype in ('float32', 'bf16'):
+      stored = self.param_dtype if base_dtype == 'float32' else jnp.bfloat16
+      return self.param('kernel', nn.with_logical_partitioning(float_init, self.kernel_names),
+                        kernel_shape, stored)
+    quantize = lambda kernel: quant.quantize_stacked(kernel, base_dtype, 0, tuple(range(num_in)))
+    # One float kernel feeds both stored arrays; outside init, flax only checks their shapes.
+    initial = None
+    if self.is_initializing():
+      initial = quantize(float_init(self.make_rng('params'), kernel_shape, jnp.float32))
+    def stored(name, names):
+      def init(_):
+        values = initial if initial is not None else quantize(jnp.zeros(kernel_shape))
+        return values[name]
+      return self.param(name, nn.with_logical_partitioning(init, names))
+    if base_dtype == 'int8':
+      scale_names = (None,) * num_in + tuple(self.kernel_names[num_in:])
+      q = stored('kernel_int8', self.kernel_names)
+      scale = stored('kernel_scale', scale_names)
+      return quant.dequantize_int8(q, scale, self.param_dtype)
+    packed = stored('kernel_nf4', (None, None))
+    absmax = stored('kernel_absmax', (None,))
+    return quant.dequantize_nf4(packed, absmax, kernel_shape, self.param_dtype)
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    """inputs [..., in...] -> [..., features...]."""
+    ndim = inputs.ndim
+    axis = tuple(sorted(ax % ndim for ax in self.axis))
+    num_in = len(axis)
+    in_shape = tuple(inputs.shape[ax] for ax in axis)
+    kernel_shape = in_shape + tuple(self.features)
+    target = is_target(self.lora, '/'.join(self.path))
+    kernel = self._base_kernel(kernel_shape, target)
+    bias = None
+    if self.use_bias:
+      bias = self.param('bias', nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), self.bias_names), tuple(self.features), self.param_dtype)
+    x, kernel, bias = flax_dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    contract = (axis, tuple(range(num_in)))
+    out = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    if bias is not None:
+      out += jnp.reshape(bias, (1,) * (ndim - num_in) + tuple(self.features))
+    if not target:
+      return out
+    rank = self.lora.rank
+    lora_a = self.param('lora_a', nn.with_logical_partitioning(
+        lora_a_init, tuple(self.kernel_names[:num_in]) + ('lora_rank',)),
+        in_shape + (rank,), self.param_dtype)
+    lora_b = self.param('lora_b', nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ('lora_rank',) + tuple(self.kernel_names[num_in:])),
+        (rank,) + tuple(self.features), self.param_dtype)
+    lora_input = inputs
+    if self.lora.dropout > 0:
+      lora_input = nn.Dropout(self.lora.dropout)(
+          inputs, deterministic=not self.has_rng('dropout'))
+    lora_input, lora_a, lora_b = flax_dtypes.promote_dtype(
+        lora_input, lora_a, lora_b, dtype=self.dtype)
+    hidden = jax.lax.dot_general(lora_input, lora_a, (contract, ((), ())))  # [..., rank]
+    delta = jax.lax.dot_general(hidden, lora_b, (((hidden.ndim - 1,), (0,)), ((), ())))
+    return out + delta * jnp.asarray(self.lora.alpha / rank, out.dtype)
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
+
+
+def merge_params(params: Any, lora: LoraConfig) -> Any:
+  """Unboxed params with every adapted kernel replaced by W + A B * alpha / rank, float32.
+
+  Quantized kernels are dequantized first; 'lora_a'/'lora_b' and the quantized arrays are
+  dropped, so the result has the layout of the same model without LoRA. Works on scanned
+  (stacked) and unrolled layers.
+  """
+  scale = lora.alpha / max(lora.rank, 1)
+
+  def walk(tree):
+    if not isinstance(tree, dict):
+      return tree
+    if 'lora_a' not in tree and not any(name in tree for name in QUANTIZED_PARAMS):
+      return {key: walk(value) for key, value in tree.items()}
+    merged = {k: v for k, v in tree.items() if k not in LORA_PARAMS + QUANTIZED_PARAMS}
+    kernel = dequantized_kernel(tree)
+    if 'lora_a' in tree:
+      lora_a = np.asarray(tree['lora_a'], np.float32)  # [stack..., in..., rank]
+      lora_b = np.asarray(tree['lora_b'], np.float32)  # [stack..., rank, out...]
+      num_lead = lora_a.ndim + lora_b.ndim - 2 - kernel.ndim
+      lead = lora_a.shape[:num_lead]
+      a_flat = lora_a.reshape(*lead, -1, lora_a.shape[-1])
+      b_flat = lora_b.reshape(*lead, lora_b.shape[num_lead], -1)
+      kernel = kernel + (np.matmul(a_flat, b_flat) * scale).reshape(kernel.shape)
+    merged['kernel'] = kernel
+    return merged
+
+  return walk(jax.device_get(params))
+
+
+def dequantized_kernel(layer_params: dict) -> np.ndarray:
+  """The float32 base kernel of one Dense's params (stacked or not), whatever its storage.
+
+  An NF4 kernel's shape is read off its adapters: [stack..., in..., out...].
+  """
+  if 'kernel' in layer_params:
+    return np.asarray(layer_params['kernel'], np.float32)
+  if 'kernel_int8' in layer_params:
+    return np.asarray(quant.dequantize_int8(layer_params['kernel_int8'],
+                                            layer_params['kernel_scale']))
+  packed, absmax = layer_params['kernel_nf4'], layer_params['kernel_absmax']
+  num_lead = packed.ndim - 2
+  shape = (layer_params['lora_a'].shape[num_lead:-1]
+           + layer_params['lora_b'].shape[num_lead + 1:])
+  dequantize = lambda p, a: quant.dequantize_nf4(p, a, shape)
+  for _ in range(num_lead):
+    dequantize = jax.vmap(dequantize)
+  return np.asarray(dequantize(jnp.asarray(packed), jnp.asarray(absmax)))
+
+
+def adapt_params(float_params: Any, abstract_params: Any, lora: LoraConfig,
+                 rng: jax.Array) -> Any:
+  """Turns a float params tree (e.g. imported from Hugging Face) into the LoRA model's tree.
+
+  Kernels of targets are quantized as `abstract_params` (the LoRA model's unboxed shapes)
+  stores them; 'lora_a' is freshly initialised, 'lora_b' zero. Other leaves pass through.
+  """
+  counter = iter(range(1 << 30))
+
+  def walk(floats, abstract, path):
+    if not isinstance(abstract, dict):
+      return floats
+    if 'lora_a' not in abstract:
+      return {key: walk(floats[key], value, path + (key,)) for key, value in abstract.items()}
+    out = {k: floats[k] for k in abstract if k in floats}
+    lead = 1 if 'layers' in path else 0
+    shape_a = abstract['lora_a'].shape
+    for name in QUANTIZED_PARAMS:
+      if name in abstract and name not in out:
+        kernel = floats['kernel']
+        num_in = len(shape_a) - 1 - lead
+        base = 'int8' if 'kernel_int8' in abstract else 'nf4'
+        out.update(quant.quantize_stacked(kernel, base, lead, tuple(range(num_in))))
+        break
+    if 'kernel' in abstract:
+      out['kernel'] = jnp.asarray(floats['kernel'], abstract['kernel'].dtype)
+    key = jax.random.fold_in(rng, next(counter))
+    init = lora_a_init
+    for _ in range(lead):
+      init = jax.vmap(init, in_axes=(0, None, None))
+    keys = jax.random.split(key, shape_a[0]) if lead else key
+    out['lora_a'] = init(keys, shape_a[lead:], abstract['lora_a'].dtype)
+    out['lora_b'] = jnp.zeros(abstract['lora_b'].shape, abstract['lora_b'].dtype)
+    return {k: out[k] for k in abstract}
+
+  return walk(float_params, abstract_params, ())

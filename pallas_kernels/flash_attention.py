@@ -1,0 +1,448 @@
+"""Flash attention in Pallas: forward and backward (FlashAttention-2), float32 online softmax.
+
+Layout [batch, seq, heads, head_dim], the one `openvlm_jax/models/attention.py` uses. Masks:
+causal; a bidirectional prefix per example (positions < prefix_len attend to each other both
+ways, the rest causally: the PaliGemma kind); segment ids for packed sequences; per-example kv
+lengths; none at all (a ViT). Grouped-query attention indexes kv head `q_head // group` in the
+BlockSpec index map, so K/V are never repeated.
+
+Each program owns one block of queries (forward, dq) or one block of keys (dk/dv) and loops over
+the other side inside the kernel, so no state is carried across grid steps: the same kernels
+lower for GPU (Triton) and TPU (Mosaic), and run with `interpret=True` on CPU. Sequences are
+padded to a multiple of the block in the wrapper, and padded keys are masked.
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Finite, so that rows with no allowed key give zeros rather than NaN.
+_MASK_VALUE = -1e30
+# Sentinel segment id of padded keys: never equal to a real query's segment.
+_PAD_SEGMENT = -(2**31)
+
+# (block_q, block_k) by backend and head_dim bound; `None` bound = any larger head_dim.
+_BLOCK_TABLE = {
+    'gpu': ((64, (128, 64)), (128, (128, 64)), (None, (64, 32))),
+    'tpu': ((128, (128, 128)), (None, (128, 128))),
+    'cpu': ((None, (128, 128)),),
+}
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def _next_power_of_2(value: int) -> int:
+  return 1 << max(value - 1, 0).bit_length()
+
+
+def default_block_sizes(q_len: int, kv_len: int, head_dim: int,
+                        backend: str | None = None) -> tuple[int, int]:
+  """(block_q, block_k) from the per-backend table, shrunk for short sequences.
+
+  A block never exceeds the sequence rounded up to a power of two (at least 16), so tiny
+  inputs are not padded to 128.
+  """
+  backend = backend or jax.default_backend()
+  rows = _BLOCK_TABLE.get(backend, _BLOCK_TABLE['cpu'])
+  block_q, block_k = next(blocks for bound, blocks in rows if bound is None or head_dim <= bound)
+  block_q = min(block_q, max(16, _next_power_of_2(q_len)))
+  block_k = min(block_k, max(16, _next_power_of_2(kv_len)))
+  return block_q, block_k
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the kernels specialise on (hashable, for custom_vjp's nondiff argument)."""
+  scale: float
+  causal: bool
+  use_segments: bool
+  use_prefix: bool
+  kv_len: int  # true kv length; keys at or beyond it are padding
+  kv_padded: int  # kv length after padding to a multiple of block_k
+  block_q: int
+  block_k: int
+  interpret: bool
+
+
+def _block_mask(static, q_pos, kv_pos, q_seg, kv_seg, q_prefix, kv_prefix):
+  """[block_q, block_k] bool of allowed (query, key) pairs, or None when all are allowed."""
+  mask = None
+  if static.causal:
+    mask = kv_pos[None, :] <= q_pos[:, None]
+    if static.use_prefix:
+      mask = mask | ((q_prefix[:, None] > 0) & (kv_prefix[None, :] > 0))
+  if static.use_segments:
+    same = q_seg[:, None] == kv_seg[None, :]
+    mask = same if mask is None else mask & same
+  elif static.kv_padded > static.kv_len:
+    real = jnp.broadcast_to(kv_pos[None, :] < static.kv_len, (q_pos.shape[0], kv_pos.shape[0]))
+    mask = real if mask is None else mask & real
+  return mask
+
+
+def _dot_nt(a, b):
+  """a [m, d] . b [n, d]^T -> [m, n] float32."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+  """a [m, n]^T . b [m, d] -> [n, d] float32."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _split_mask_refs(static, refs):
+  """Splits the optional (q_seg, kv_seg, q_prefix, kv_prefix) refs off the front of refs."""
+  q_seg = kv_seg = q_prefix = kv_prefix = None
+  if static.use_segments:
+    q_seg, kv_seg, *refs = refs
+  if static.use_prefix:
+    q_prefix, kv_prefix, *refs = refs
+  return (q_seg, kv_seg, q_prefix, kv_prefix), refs
+
+
+def _kv_block_range(static, q_start, block_q, kv_prefix_ref, num_kv_blocks):
+  """[lo, hi) of the key blocks a query block can see."""
+  if not static.causal:
+    return 0, num_kv_blocks
+  hi = jnp.minimum((q_start + block_q - 1) // static.block_k + 1, num_kv_blocks)
+  if static.use_prefix:
+    prefix_len = jnp.sum(kv_prefix_ref[...])
+    hi = jnp.maximum(hi, (prefix_len + static.block_k - 1) // static.block_k)
+  return 0, hi
+
+
+def _q_block_range(static, kv_start, q_prefix_ref, num_q_blocks):
+  """[lo, hi) of the query blocks that can see a key block."""
+  if not static.causal:
+    return 0, num_q_blocks
+  lo = kv_start // static.block_q
+  if static.use_prefix:
+    prefix_len = jnp.sum(q_prefix_ref[...])
+    lo = jnp.where(kv_start < prefix_len, 0, lo)
+  return lo, num_q_blocks
+
+
+def _slice_or_none(ref, start, size):
+  return None if ref is None else ref[pl.ds(start, size)]
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, *refs, static):
+  """One query block against all key blocks: out [block_q, d], lse [block_q]."""
+  (q_seg_ref, kv_seg_ref, q_pre_ref, kv_pre_ref), (out_ref, lse_ref) = _split_mask_refs(
+      static, refs)
+  block_q, block_k = q_ref.shape[0], static.block_k
+  q_start = pl.program_id(2) * block_q
+  q = q_ref[...]  # [block_q, d]
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  q_prefix = None if q_pre_ref is None else q_pre_ref[...]
+
+  def body(j, carry):
+    acc, row_max, row_sum = carry
+    kv_start = j * block_k
+    k = k_ref[pl.ds(kv_start, block_k), :]
+    v = v_ref[pl.ds(kv_start, block_k), :]
+    logits = _dot_nt(q, k) * static.scale  # [block_q, block_k]
+    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    mask = _block_mask(static, q_pos, kv_pos, q_seg, _slice_or_none(kv_seg_ref, kv_start, block_k),
+                       q_prefix, _slice_or_none(kv_pre_ref, kv_start, block_k))
+    if mask is not None:
+      logits = jnp.where(mask, logits, _MASK_VALUE)
+    new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+    probs = jnp.exp(logits - new_max[:, None])
+    if mask is not None:
+      probs = jnp.where(mask, probs, 0.0)
+    correction = jnp.exp(row_max - new_max)
+    row_sum = row_sum * correction + jnp.sum(probs, axis=1)
+    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
+    return acc, new_max, row_sum
+
+  num_kv_blocks = k_ref.shape[0] // block_k
+  lo, hi = _kv_block_range(static, q_start, block_q, kv_pre_ref, num_kv_blocks)
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _MASK_VALUE, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc, row_max, row_sum = lax.fori_loop(lo, hi, body, init)
+  has_keys = row_sum > 0
+  out_ref[...] = (acc / jnp.where(has_keys, row_sum, 1.0)[:, None]).astype(out_ref.dtype)
+  # A row with no allowed key gets a huge lse, so exp(logit - lse) is 0 in the backward pass.
+  lse_ref[...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)),
+                           -_MASK_VALUE)
+
+
+def _probs_and_dlogits(static, q, k, v, do, lse, delta, mask):
+  """Recomputes probs [bq, bk] from lse and returns (probs, dlogits) (before the scale)."""
+  logits = _dot_nt(q, k) * static.scale
+  probs = jnp.exp(logits - lse[:, None])
+  if mask is not None:
+    probs = jnp.where(mask, probs, 0.0)
+  dprobs = _dot_nt(do, v)  # [block_q, block_k]
+  return probs, probs * (dprobs - delta[:, None])
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static):
+  """dq of one query block: loops over the key blocks it sees."""
+  (q_seg_ref, kv_seg_ref, q_pre_ref, kv_pre_ref), (dq_ref,) = _split_mask_refs(static, refs)
+  block_q, block_k = q_ref.shape[0], static.block_k
+  q_start = pl.program_id(2) * block_q
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]
+  q_prefix = None if q_pre_ref is None else q_pre_ref[...]
+
+  def body(j, dq):
+    kv_start = j * block_k
+    k = k_ref[pl.ds(kv_start, block_k), :]
+    v = v_ref[pl.ds(kv_start, block_k), :]
+    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    mask = _block_mask(static, q_pos, kv_pos, q_seg, _slice_or_none(kv_seg_ref, kv_start, block_k),
+                       q_prefix, _slice_or_none(kv_pre_ref, kv_start, block_k))
+    _, dlogits = _probs_and_dlogits(static, q, k, v, do, lse, delta, mask)
+    return dq + _dot(dlogits.astype(k.dtype), k)
+
+  num_kv_blocks = k_ref.shape[0] // block_k
+  lo, hi = _kv_block_range(static, q_start, block_q, kv_pre_ref, num_kv_blocks)
+  dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * static.scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static):
+  """dk, dv of one key block of one kv head: loops over the group's query heads and blocks."""
+  (q_seg_ref, kv_seg_ref, q_pre_ref, kv_pre_ref), (dk_ref, dv_ref) = _split_mask_refs(
+      static, refs)
+  block_q, block_k = static.block_q, k_ref.shape[0]
+  group = q_ref.shape[1]
+  kv_start = pl.program_id(2) * block_k
+  k, v = k_ref[...], v_ref[...]
+  kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+  kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
+  kv_prefix = None if kv_pre_ref is None else kv_pre_ref[...]
+  num_q_blocks = q_ref.shape[0] // block_q
+  lo, hi = _q_block_range(static, kv_start, q_pre_ref, num_q_blocks)
+  dk = jnp.zeros(k.shape, jnp.float32)
+  dv = jnp.zeros(v.shape, jnp.float32)
+  for head in range(group):
+
+    def body(i, carry, head=head):
+      dk, dv = carry
+      q_start = i * block_q
+      q = q_ref[pl.ds(q_start, block_q), head, :]
+      do = do_ref[pl.ds(q_start, block_q), head, :]
+      lse = lse_ref[head, pl.ds(q_start, block_q)]
+      delta = delta_ref[head, pl.ds(q_start, block_q)]
+      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+      mask = _block_mask(static, q_pos, kv_pos, _slice_or_none(q_seg_ref, q_start, block_q),
+                         kv_seg, _slice_or_none(q_pre_ref, q_start, block_q), kv_prefix)
+      probs, dlogits = _probs_and_dlogits(static, q, k, v, do, lse, delta, mask)
+      dv = dv + _dot_tn(probs.astype(do.dtype), do)
+      dk = dk + _dot_tn(dlogits.astype(q.dtype), q)
+      return dk, dv
+
+    dk, dv = lax.fori_loop(lo, hi, body, (dk, dv))
+  dk_ref[...] = (dk * static.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _mask_inputs_and_specs(static, mask_arrays, q_block_map, kv_block_map, q_full_map,
+                           kv_full_map, q_len, kv_len, q_blocked):
+  """Inputs and BlockSpecs of the optional segment / prefix arrays for one kernel."""
+  q_seg, kv_seg, prefix = mask_arrays
+  pairs = []
+  if static.use_segments:
+    pairs.append((q_seg, kv_seg))
+  if static.use_prefix:
+    pairs.append((prefix, prefix))
+  inputs, specs = [], []
+  for q_side, kv_side in pairs:
+    inputs += [q_side, kv_side]
+    if q_blocked:
+      specs += [pl.BlockSpec((None, static.block_q), q_block_map),
+                pl.BlockSpec((None, kv_len), kv_full_map)]
+    else:
+      specs += [pl.BlockSpec((None, q_len), q_full_map),
+                pl.BlockSpec((None, static.block_k), kv_block_map)]
+  return inputs, specs
+
+
+def _forward(static, q, k, v, mask_arrays):
+  """Padded inputs -> (out [b, sq, h, d], lse [b, h, sq] float32)."""
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  grid = (batch, num_heads, q_len // static.block_q)
+  mask_inputs, mask_specs = _mask_inputs_and_specs(
+      static, mask_arrays, lambda b, h, i: (b, i), None, None, lambda b, h, i: (b, 0),
+      q_len, kv_len, q_blocked=True)
+  q_spec = pl.BlockSpec((None, static.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, static=static),
+      grid=grid,
+      in_specs=[q_spec, kv_spec, kv_spec, *mask_specs],
+      out_specs=[q_spec, pl.BlockSpec((None, None, static.block_q), lambda b, h, i: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
+      interpret=static.interpret,
+      name='flash_attention_forward',
+  )(q, k, v, *mask_inputs)
+
+
+def _backward(static, q, k, v, out, lse, d_out, mask_arrays):
+  """Padded inputs -> (dq, dk, dv): one kernel for dq, one for dk and dv."""
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  delta = jnp.einsum('bshd,bshd->bhs', out.astype(jnp.float32), d_out.astype(jnp.float32))
+
+  mask_inputs, mask_specs = _mask_inputs_and_specs(
+      static, mask_arrays, lambda b, h, i: (b, i), None, None, lambda b, h, i: (b, 0),
+      q_len, kv_len, q_blocked=True)
+  q_spec = pl.BlockSpec((None, static.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
+  row_spec = pl.BlockSpec((None, None, static.block_q), lambda b, h, i: (b, h, i))
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, static=static),
+      grid=(batch, num_heads, q_len // static.block_q),
+      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *mask_specs],
+      out_specs=q_spec,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      interpret=static.interpret,
+      name='flash_attention_dq',
+  )(q, k, v, d_out, lse, delta, *mask_inputs)
+
+  mask_inputs, mask_specs = _mask_inputs_and_specs(
+      static, mask_arrays, None, lambda b, h, j: (b, j), lambda b, h, j: (b, 0), None,
+      q_len, kv_len, q_blocked=False)
+  group_spec = pl.BlockSpec((None, q_len, group, head_dim), lambda b, h, j: (b, 0, h, 0))
+  group_rows_spec = pl.BlockSpec((None, group, q_len), lambda b, h, j: (b, h, 0))
+  kv_block_spec = pl.BlockSpec((None, static.block_k, None, head_dim), lambda b, h, j: (b, j, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkdv_kernel, static=static),
+      grid=(batch, num_kv_heads, kv_len // static.block_k),
+      in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_rows_spec,
+                group_rows_spec, *mask_specs],
+      out_specs=[kv_block_spec, kv_block_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      interpret=static.interpret,
+      name='flash_attention_dkdv',
+  )(q, k, v, d_out, lse, delta, *mask_inputs)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_core(static, q, k, v, mask_arrays):
+  return _forward(static, q, k, v, mask_arrays)[0]
+
+
+def _flash_core_fwd(static, q, k, v, mask_arrays):
+  out, lse = _forward(static, q, k, v, mask_arrays)
+  return out, (q, k, v, out, lse, mask_arrays)
+
+
+def _flash_core_bwd(static, residuals, d_out):
+  q, k, v, out, lse, mask_arrays = residuals
+  dq, dk, dv = _backward(static, q, k, v, out, lse, d_out, mask_arrays)
+  return dq, dk, dv, jax.tree.map(lambda _: None, mask_arrays)
+
+
+_flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
+
+
+def _pad_axis(x, axis, size, value=0):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def flash_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    prefix_len: jax.Array | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+  """Memory-efficient attention, differentiable in query, key and value.
+
+  Args:
+    query: [batch, q_len, heads, head_dim], float32 or bfloat16.
+    key: [batch, kv_len, kv_heads, head_dim]; kv_heads divides heads, query head h reads kv
+      head h // (heads // kv_heads).
+    value: [batch, kv_len, kv_heads, head_dim].
+    causal: query i sees keys j <= i (positions counted from 0 on both sides).
+    segment_ids: [batch, q_len] int; a query sees only keys with the same id (packing).
+    kv_segment_ids: [batch, kv_len] int; defaults to `segment_ids` (self-attention).
+    kv_lengths: [batch] int; keys at positions >= kv_lengths[b] are padding.
+    prefix_len: [batch] int, with `causal` and q_len == kv_len: positions < prefix_len[b]
+      also see each other bidirectionally.
+    scale: logit scale; head_dim ** -0.5 by default.
+    block_q, block_k: block sizes; `default_block_sizes` by default.
+    interpret: run the kernels in the Pallas interpreter; default: on CPU.
+
+  Returns:
+    [batch, q_len, heads, head_dim] in the query's dtype. A query that sees no key gets 0.
+  """
+  batch, q_len, num_heads, head_dim = query.shape
+  kv_len, num_kv_heads = key.shape[1], key.shape[2]
+  if num_heads % num_kv_heads:
+    raise ValueError(f'kv heads ({num_kv_heads}) must divide query heads ({num_heads})')
+  if prefix_len is not None and (not causal or q_len != kv_len):
+    raise ValueError('prefix_len needs causal=True and q_len == kv_len')
+  backend = jax.default_backend()
+  if interpret is None:
+    interpret = backend == 'cpu'
+  default_q, default_k = default_block_sizes(q_len, kv_len, head_dim, backend)
+  block_q, block_k = block_q or default_q, block_k or default_k
+  if scale is None:
+    scale = head_dim**-0.5
+  q_padded, kv_padded = _round_up(q_len, block_q), _round_up(kv_len, block_k)
+  if causal:  # causal masks compare positions across the two sides: give them one length
+    q_padded = kv_padded = _round_up(max(q_len, kv_len), math.lcm(block_q, block_k))
+  # Triton wants power-of-two tiles: pad head_dim there (zeros change neither logits nor out).
+  dim_padded = _next_power_of_2(head_dim) if backend == 'gpu' and not interpret else head_dim
+
+  use_segments = segment_ids is not None or kv_segment_ids is not None or kv_lengths is not None
+  q_seg = kv_seg = prefix = None
+  if use_segments:
+    if segment_ids is None:
+      segment_ids = jnp.zeros((batch, q_len), jnp.int32)
+    if kv_segment_ids is None:
+      kv_segment_ids = (segment_ids if kv_len == q_len
+                        else jnp.zeros((batch, kv_len), jnp.int32))
+    kv_seg = kv_segment_ids.astype(jnp.int32)
+    if kv_lengths is not None:
+      kv_seg = jnp.where(jnp.arange(kv_len)[None, :] < kv_lengths[:, None], kv_seg, _PAD_SEGMENT)
+    q_seg = _pad_axis(segment_ids.astype(jnp.int32), 1, q_padded)
+    kv_seg = _pad_axis(kv_seg, 1, kv_padded, _PAD_SEGMENT)
+  if prefix_len is not None:
+    prefix = (jnp.arange(q_padded)[None, :] < prefix_len[:, None]).astype(jnp.int32)
+
+  static = _Static(scale=float(scale), causal=causal, use_segments=use_segments,
+                   use_prefix=prefix_len is not None, kv_len=kv_len, kv_padded=kv_padded,
+                   block_q=block_q,
+                   block_k=block_k, interpret=bool(interpret))
+  q = _pad_axis(_pad_axis(query, 1, q_padded), 3, dim_padded)
+  k = _pad_axis(_pad_axis(key, 1, kv_padded), 3, dim_padded)
+  v = _pad_axis(_pad_axis(value, 1, kv_padded), 3, dim_padded)
+  out = _flash_core(static, q, k, v, (q_seg, kv_seg, prefix))
+  return out[:, :q_len, :, :head_dim]

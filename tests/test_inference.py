@@ -1,0 +1,103 @@
+"""KV-cache decoding against recomputing the full sequence, and against transformers' generate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from openvlm_jax import inference
+from openvlm_jax.hf import io
+from openvlm_jax.models.vlm import VLM
+from tests import tiny_hf
+
+MAX_NEW, STOP, PAD = 8, 13, 0  # 13: a token these weights emit, so one row stops early
+IMAGE_RUN = [tiny_hf.IMAGE_TOKEN_ID] * tiny_hf.NUM_PATCHES
+
+
+@pytest.fixture(scope='module')
+def tiny_llava(tmp_path_factory):
+  """A tiny random LLaVA in torch and the same weights in our VLM."""
+  folder = tmp_path_factory.mktemp('llava')
+  hf_model = tiny_hf.build(transformers.LlavaForConditionalGeneration, tiny_hf.llava_config())
+  # Larger weights than the default so greedy decoding does not settle on one repeated token.
+  tiny_hf.perturb(hf_model, seed=1, scale=0.3).save_pretrained(folder)
+  config, params = io.load_pretrained(folder)
+  return hf_model, VLM(config), params
+
+
+@pytest.fixture(scope='module')
+def prompts():
+  """Two left-padded prompts with one image each, of different lengths."""
+  rng = np.random.default_rng(0)
+  rows = [[1] + list(rng.integers(4, 90, size=3)) + IMAGE_RUN + list(rng.integers(4, 90, size=4)),
+          [1] + IMAGE_RUN + list(rng.integers(4, 90, size=2))]
+  input_ids, attention_mask = inference.left_pad(rows, PAD)
+  images = tiny_hf.random_images(rng, 2, 1)
+  return input_ids, attention_mask, images
+
+
+@pytest.fixture(scope='module')
+def greedy_tokens(tiny_llava, prompts):
+  _, model, params = tiny_llava
+  sampling = inference.SamplingConfig(max_new_tokens=MAX_NEW, stop_token_ids=(STOP,),
+                                      pad_token_id=PAD)
+  out = inference.make_generate_fn(model, sampling)(params, *prompts)
+  return np.asarray(out['tokens']), np.asarray(out['num_tokens'])
+
+
+def test_cached_greedy_matches_recomputing_the_whole_sequence(tiny_llava, prompts,
+                                                              greedy_tokens):
+  _, model, params = tiny_llava
+  input_ids, attention_mask, images = prompts
+  batch, prompt_len = input_ids.shape
+  # One fixed-size buffer: generated slots are masked out until they are filled.
+  ids = np.concatenate([input_ids, np.full((batch, MAX_NEW), PAD, np.int32)], axis=1)
+  mask = np.concatenate([attention_mask, np.zeros((batch, MAX_NEW), np.int32)], axis=1)
+  full = jax.jit(lambda p, i, m, x: model.apply({'params': p}, i, x, attention_mask=m))
+  done = np.zeros(batch, bool)
+  expected = np.full((batch, MAX_NEW), PAD, np.int32)
+  for step in range(MAX_NEW):
+    last = prompt_len + step - 1
+    token = np.asarray(jnp.argmax(full(params, ids, mask, images)[:, last], axis=-1))
+    expected[:, step] = np.where(done, PAD, token)
+    done |= token == STOP
+    ids[:, last + 1], mask[:, last + 1] = token, 1
+  tokens, num_tokens = greedy_tokens
+  np.testing.assert_array_equal(tokens, expected)
+  stopped = num_tokens < MAX_NEW
+  assert stopped.any() and not stopped.all()
+  for row in np.flatnonzero(stopped):
+    assert tokens[row, num_tokens[row] - 1] == STOP
+    assert (tokens[row, num_tokens[row]:] == PAD).all()
+
+
+def test_cached_greedy_matches_transformers_generate(tiny_llava, prompts, greedy_tokens):
+  hf_model, _, _ = tiny_llava
+  input_ids, attention_mask, images = prompts
+  with torch.no_grad():
+    hf_out = hf_model.generate(
+        input_ids=torch.from_numpy(input_ids).long(),
+        attention_mask=torch.from_numpy(attention_mask).long(),
+        pixel_values=tiny_hf.nchw(images[:, 0]), max_new_tokens=MAX_NEW, do_sample=False,
+        eos_token_id=STOP, pad_token_id=PAD)
+  hf_tokens = hf_out[:, input_ids.shape[1]:].numpy()
+  tokens, _ = greedy_tokens
+  print('ours', tokens.tolist(), 'transformers', hf_tokens.tolist())
+  np.testing.assert_array_equal(tokens[:, :hf_tokens.shape[1]], hf_tokens)
+  assert (tokens[:, hf_tokens.shape[1]:] == PAD).all()
+  assert len(set(tokens.ravel().tolist())) > 2  # not a degenerate constant output
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+  kept_k = np.isfinite(np.asarray(inference.filter_logits(logits, top_k=2)))
+  np.testing.assert_array_equal(kept_k, [[1, 1, 0, 0], [0, 0, 1, 1]])
+  kept_p = np.isfinite(np.asarray(inference.filter_logits(logits, top_p=0.7)))
+  np.testing.assert_array_equal(kept_p, [[1, 1, 0, 0], [0, 0, 1, 1]])
+  kept_p = np.isfinite(np.asarray(inference.filter_logits(logits, top_p=0.81)))
+  np.testing.assert_array_equal(kept_p, [[1, 1, 1, 0], [0, 1, 1, 1]])
+  sampling = inference.SamplingConfig(temperature=1.0, top_k=1)
+  draws = inference.sample_tokens(logits, jax.random.key(0), sampling)
+  np.testing.assert_array_equal(draws, [0, 3])
