@@ -10,6 +10,7 @@ each. Prints a table and writes JSON.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # torch threads must not spin-wait
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,6 +32,7 @@ from openvlm_jax import config_lib  # noqa: E402
 from openvlm_jax import objectives  # noqa: E402
 from openvlm_jax import parallel  # noqa: E402
 from openvlm_jax.hf import config as hf_config  # noqa: E402
+from openvlm_jax.models import matmul  # noqa: E402
 from openvlm_jax.models.vlm import VLM  # noqa: E402
 from openvlm_jax.training import optimizer as optimizer_lib  # noqa: E402
 from openvlm_jax.training import state as state_lib  # noqa: E402
@@ -66,8 +69,12 @@ def vlm_config_for(case, dtype='float32'):
                                              image_token_id=IMAGE_TOKEN)
 
 
-def jax_runner(case):
-  """Returns (run_one_step, info) for our jitted train step on one device."""
+def jax_runner(case, plain_matmul=False):
+  """Returns (run_one_step, info) for our jitted train step on one device.
+
+  `plain_matmul` compiles the step with `lax.dot_general`'s own backward instead of our
+  Dense matmul (see openvlm_jax/models/matmul.py), to show what that layout work buys.
+  """
   config, vlm_config = vlm_config_for(case)
   _, _, batch_size, seq_len = CASES[case]
   model = VLM(vlm_config)
@@ -80,7 +87,9 @@ def jax_runner(case):
   step_fn = jax.jit(step_lib.make_train_step(model, objectives.get('sft'), optimizer, schedule),
                     donate_argnums=0)
   batch = jax.device_put(batch)
-  compiled = step_fn.lower(state, batch).compile()
+  with mock.patch.object(matmul, '_plain_contraction', lambda *_: 0) if plain_matmul else (
+      contextlib.nullcontext()):
+    compiled = step_fn.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   memory = compiled.memory_analysis()
@@ -142,11 +151,21 @@ def matmul_peak_flops(size=2048, repeats=10):
   return 2 * size ** 3 / statistics.median(times)
 
 
+def current_rss() -> int:
+  """This process's resident memory now, in bytes (Linux)."""
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmRSS:'):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError('no VmRSS in /proc/self/status')
+
+
 def child_peak_rss(case, framework, steps=3):
   """Peak resident memory (bytes) a fresh process adds while running `steps` train steps.
 
-  The child reports its peak after imports and its peak at the end; the difference is what
-  the model, optimizer state, batch and step take (both children import the same libraries).
+  The child reports its resident memory after imports and its peak at the end; the
+  difference is what the model, optimizer state, batch and step take (both children import
+  the same libraries).
   """
   output = subprocess.run(
       [sys.executable, os.path.abspath(__file__), f'--child={framework}', f'--case={case}',
@@ -166,7 +185,7 @@ def main():
   args = parser.parse_args()
 
   if args.child:
-    after_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after_imports = current_rss()
     run_one_step = jax_runner(args.case)[0] if args.child == 'jax' else torch_runner(args.case)
     for _ in range(args.steps):
       run_one_step()
@@ -179,20 +198,24 @@ def main():
   for case in args.cases.split(','):
     _, _, batch_size, seq_len = CASES[case]
     jax_step, info = jax_runner(case)
+    plain_step, _ = jax_runner(case, plain_matmul=True)
     torch_step = torch_runner(case)
-    for run_one_step in (jax_step, torch_step):  # warm-up
+    for run_one_step in (jax_step, plain_step, torch_step):  # warm-up
       run_one_step()
-    jax_times, torch_times = [], []
+    jax_times, plain_times, torch_times = [], [], []
     for _ in range(args.rounds):
-      for run_one_step, times in ((jax_step, jax_times), (torch_step, torch_times)):
+      for run_one_step, times in ((jax_step, jax_times), (plain_step, plain_times),
+                                  (torch_step, torch_times)):
         start = time.perf_counter()
         run_one_step()  # returns a host float: the step has finished
         times.append(time.perf_counter() - start)
     jax_time, torch_time = statistics.median(jax_times), statistics.median(torch_times)
+    plain_time = statistics.median(plain_times)
     tokens = batch_size * seq_len
     rows.append(dict(
         case=case, params_m=info['params'] / 1e6, batch=f'{batch_size}x{seq_len}',
         jax_s_per_step=jax_time, torch_s_per_step=torch_time,
+        jax_plain_matmul_s_per_step=plain_time,
         jax_steps_per_s=1 / jax_time, jax_tokens_per_s=tokens / jax_time,
         torch_tokens_per_s=tokens / torch_time, torch_over_jax=torch_time / jax_time,
         jax_fraction_of_matmul_peak=info['flops'] / jax_time / peak,
@@ -200,12 +223,15 @@ def main():
         jax_peak_rss_bytes=child_peak_rss(case, 'jax'),
         torch_peak_rss_bytes=child_peak_rss(case, 'torch')))
 
-  header = ('case', 'params', 'batch', 'ours s/step', 'torch s/step', 'torch/ours',
+  header = ('case', 'params', 'batch', 'ours s/step', 'plain-dot s/step', 'torch s/step',
+            'torch/ours',
             'ours tok/s', 'of peak', 'ours +RSS', 'torch +RSS')
   print(' | '.join(header))
   for row in rows:
     print(' | '.join((row['case'], f"{row['params_m']:.1f}M", row['batch'],
-                      f"{row['jax_s_per_step']:.4f}", f"{row['torch_s_per_step']:.4f}",
+                      f"{row['jax_s_per_step']:.4f}",
+                      f"{row['jax_plain_matmul_s_per_step']:.4f}",
+                      f"{row['torch_s_per_step']:.4f}",
                       f"{row['torch_over_jax']:.2f}x", f"{row['jax_tokens_per_s']:.0f}",
                       f"{row['jax_fraction_of_matmul_peak']:.0%}",
                       f"{row['jax_peak_rss_bytes'] / 2**20:.0f} MiB",

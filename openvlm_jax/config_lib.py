@@ -68,6 +68,7 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
   model.remat = 'none'  # 'none' | 'full' | 'dots'
   model.scan_layers = True
   model.attention_impl = 'xla'
+  model.projection_impl = 'xla'  # LoRA Dense layers: 'xla' | 'pallas' (fused kernel)
   return model
 
 
@@ -109,6 +110,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.training.num_steps = 1200
   config.training.log_every = 20
   config.training.eval_every = 300
+  config.training.eval_generate = True  # also decode answers and score them at each eval
   config.training.checkpoint_every = 300
   config.training.keep_checkpoints = 2
   config.training.progress_bar = True
@@ -151,6 +153,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.export.dir = ''
   config.export.dtype = 'float32'  # 'float32' | 'bfloat16'
   config.export.step = -1  # -1: the latest checkpoint
+  config.export.format = 'merged'  # 'merged' (a full LLaVA folder) | 'peft' (a LoRA adapter)
+  config.export.base_model = ''  # the adapter's base model; '' = config.model.init_from
   return config
 
 
@@ -175,6 +179,7 @@ def build_vlm_config(model: ml_collections.ConfigDict, *, vocab_size: int,
       scan_layers=model.scan_layers,
       attention_impl=model.attention_impl,
       lora=lora_config(lora),
+      projection_impl=model.projection_impl,
   )
 
 

@@ -13,6 +13,7 @@ from openvlm_jax import inference
 from openvlm_jax import objectives
 from openvlm_jax import parallel
 from openvlm_jax.hf import io as hf_io
+from openvlm_jax.hf import peft_export
 from openvlm_jax.integrations import sqlite_export
 from openvlm_jax.training import loop
 from openvlm_jax.training import optimizer as optimizer_lib
@@ -58,24 +59,10 @@ def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: di
               in_shardings=(None, parallel.batch_sharding(run.mesh))),
       run.mesh, config.logical_axis_rules)
   metrics = loop.evaluate(eval_step, params, run)
-  if run.has_eval:  # generated answers, scored like the user would score them
-    questions = [q for path in run.eval_files for q in inference.read_questions(path)]
-    answers = _answer(run, params, questions)
-    scores = evaluation.score_answers([a['answer'] for a in answers],
-                                      [q['answer'] or '' for q in questions])
-    metrics.update({f'generated_{name}': scores[name]
-                    for name in ('exact_match', 'numeric_exact_match', 'relaxed_accuracy')})
+  if run.has_eval:
+    metrics.update(loop.evaluate_generated(params, run))
   logging.info('eval of step %d: %s', step, metrics)
   return dict(step=step, **metrics)
-
-
-def _answer(run: setup.Run, params, questions: list[dict]) -> list[dict]:
-  """Generated answers to `questions` (see `inference.read_questions`), by config.predict."""
-  return inference.answer_questions(
-      run.model, params, run.tokenizer, questions,
-      sampling=inference.sampling_from_config(run.config.predict, run.tokenizer),
-      batch_size=run.config.predict.batch_size, max_images=run.config.data.max_images,
-      seed=run.config.seed)
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -86,7 +73,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = setup.make_run(config, workdir)
   params, step = restore_params(run)
   questions = inference.read_questions(section.input)
-  answers = _answer(run, params, questions)
+  answers = loop.answer(run, params, questions)
   scored = [(a['answer'], q['answer']) for q, a in zip(questions, answers) if q['answer']]
   metrics = evaluation.score_answers(*zip(*scored)) if scored else {}
   output = section.output or os.path.join(workdir, 'predictions.jsonl')
@@ -105,15 +92,43 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Writes a checkpoint as a Hugging Face LLaVA folder (weights, config, processor)."""
-  if not config.export.dir:
+  """Writes a checkpoint as a Hugging Face LLaVA folder, or its LoRA adapters as a PEFT folder."""
+  export = config.export
+  if not export.dir:
     raise ValueError('--mode=export needs --config.export.dir=<folder>')
+  if export.format not in ('merged', 'peft'):
+    raise ValueError(f"config.export.format={export.format!r}: expected 'merged' or 'peft'")
   run = setup.make_run(config, workdir)
-  params, step = restore_params(run, config.export.step)
-  hf_io.export_folder(config.export.dir, run.vlm_config, jax.device_get(params), run.tokenizer,
-                      dtype=config.export.dtype)
-  logging.info('exported step %d to %s', step, config.export.dir)
-  return dict(step=step, dir=os.path.abspath(config.export.dir), dtype=config.export.dtype)
+  params, step = restore_params(run, export.step)
+  params = jax.device_get(params)
+  if export.format == 'merged':
+    hf_io.export_folder(export.dir, run.vlm_config, params, run.tokenizer, dtype=export.dtype)
+  else:
+    base_model = export.base_model or config.model.init_from
+    if not config.lora.rank or not base_model:
+      raise ValueError('--config.export.format=peft needs LoRA (config.lora.rank > 0) and a '
+                       'base model (config.export.base_model or config.model.init_from)')
+    peft_export.save_adapter(export.dir, run.vlm_config, params,
+                             base_model_name_or_path=base_model,
+                             full_components=fully_trained_components(config, params),
+                             dtype=export.dtype)
+  logging.info('exported step %d to %s as %s', step, export.dir, export.format)
+  return dict(step=step, dir=os.path.abspath(export.dir), dtype=export.dtype,
+              format=export.format)
+
+
+def fully_trained_components(config: ml_collections.ConfigDict, params) -> tuple[str, ...]:
+  """The components ('vision', 'projector', 'llm') with trained weights besides LoRA adapters.
+
+  A PEFT adapter stores those whole (`modules_to_save`), the rest as LoRA A and B.
+  """
+  mask = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))(params)
+  trained = set()
+  for path, trains in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    name = optimizer_lib.path_string(path)
+    if trains and not name.rsplit('/', 1)[-1].startswith('lora_'):
+      trained.add(name.split('/', 1)[0])
+  return tuple(sorted(trained))
 
 
 def format_result(mode: str, result: dict) -> str:

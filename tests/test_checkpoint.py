@@ -14,6 +14,7 @@ NUM_STEPS = 150
 ARGS = ['--config=configs/sft.py:model=tiny', f'--config.training.num_steps={NUM_STEPS}',
         '--config.training.log_every=1', '--config.training.checkpoint_every=10',
         '--config.training.eval_every=1000', '--config.training.progress_bar=False',
+        '--config.training.eval_generate=False',
         '--config.data.batch_size=8', '--config.data.seq_len=40']
 
 

@@ -80,6 +80,7 @@ class LoraConfig:
   dropout: float = 0.0  # on the adapter's input, when a 'dropout' rng is given
   targets: tuple[str, ...] = ()  # regexes over module paths like 'llm/layers/attention/q_proj'
   base_dtype: str = 'float32'  # frozen base kernel of targets: 'float32' | 'bf16' | 'int8' | 'nf4'
+  projection_impl: str = 'xla'  # set from VLMConfig.projection_impl; see lora.LoraDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,3 +98,10 @@ class VLMConfig:
   scan_layers: bool = True
   attention_impl: str = 'xla'  # 'xla' | 'pallas' | 'cudnn'
   lora: Optional[LoraConfig] = None
+  projection_impl: str = 'xla'  # LoRA Dense layers: 'xla' | 'pallas' (fused kernel)
+
+  def __post_init__(self):
+    # The LoRA Dense layers read the projection implementation off the active LoraConfig.
+    if self.lora is not None and self.lora.projection_impl != self.projection_impl:
+      object.__setattr__(self, 'lora', dataclasses.replace(
+          self.lora, projection_impl=self.projection_impl))

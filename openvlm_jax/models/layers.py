@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from openvlm_jax.models import lora
+from openvlm_jax.models import matmul
 
 Dtype = Any
 LogicalNames = tuple[str | None, ...]
@@ -83,6 +84,7 @@ def dense(
       param_dtype=param_dtype,
       kernel_init=_named_init(kernel_init, kernel_names),
       bias_init=_named_init(nn.initializers.zeros_init(), bias_names),
+      dot_general=matmul.dense_dot_general,
       name=name,
   )
 

@@ -8,10 +8,19 @@
 configured: 'kernel' (float32 or bfloat16), 'kernel_int8' + 'kernel_scale', or 'kernel_nf4'
 + 'kernel_absmax', dequantized inside the layer. Other Dense layers compute exactly what
 `nn.DenseGeneral` computes, with the same parameters.
+
+With `LoraConfig.projection_impl == 'pallas'` (set from `VLMConfig.projection_impl`), a target
+whose base is float32, bf16 or int8 runs x W + (x A) B * alpha / rank as one fused Pallas
+kernel (`pallas_kernels.lora_projection`; interpret mode on CPU). It falls back to the XLA
+path for an NF4 base (the kernel dequantizes int8 only) and while LoRA dropout is active
+(the kernel takes one x for both terms; dropout applies to the adapter's input only). A float
+base gets its gradient x^T dy from XLA in the backward pass, so a base kernel that the
+trainable rules train still trains; when it is frozen, XLA drops that unused matmul.
 """
 
 import contextlib
 import contextvars
+import functools
 import math
 import re
 from collections.abc import Iterator, Sequence
@@ -23,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes as flax_dtypes
 
-from openvlm_jax.models import quant
+from openvlm_jax.models import matmul, quant
 from openvlm_jax.models.config import LoraConfig
+from pallas_kernels import lora_projection as pallas_lora
 
 LORA_PARAMS = ('lora_a', 'lora_b')
 QUANTIZED_PARAMS = ('kernel_int8', 'kernel_scale', 'kernel_nf4', 'kernel_absmax')
@@ -83,8 +93,10 @@ class LoraDense(nn.Module):
       return jnp.reshape(self.kernel_init(key, flat, dtype), shape)
     return init
 
-  def _base_kernel(self, kernel_shape: tuple[int, ...], target: bool) -> jax.Array:
-    """The base kernel in param dtype, dequantized when stored quantized."""
+  def _base_kernel(self, kernel_shape: tuple[int, ...],
+                   target: bool) -> tuple[jax.Array, jax.Array | None]:
+    """(kernel, scale): int8 values and their scale [1..., out...] when stored int8, else
+    the kernel in its stored float dtype (NF4 dequantized to param dtype) and None."""
     num_in = len(self.axis)
     float_init = self._float_kernel(kernel_shape, num_in)
     base_dtype = self.lora.base_dtype if target else 'float32'
@@ -93,7 +105,7 @@ class LoraDense(nn.Module):
     if base_dtype in ('float32', 'bf16'):
       stored = self.param_dtype if base_dtype == 'float32' else jnp.bfloat16
       return self.param('kernel', nn.with_logical_partitioning(float_init, self.kernel_names),
-                        kernel_shape, stored)
+                        kernel_shape, stored), None
     quantize = lambda kernel: quant.quantize_stacked(kernel, base_dtype, 0, tuple(range(num_in)))
     # One float kernel feeds both stored arrays; outside init, flax only checks their shapes.
     initial = None
@@ -106,12 +118,10 @@ class LoraDense(nn.Module):
       return self.param(name, nn.with_logical_partitioning(init, names))
     if base_dtype == 'int8':
       scale_names = (None,) * num_in + tuple(self.kernel_names[num_in:])
-      q = stored('kernel_int8', self.kernel_names)
-      scale = stored('kernel_scale', scale_names)
-      return quant.dequantize_int8(q, scale, self.param_dtype)
+      return stored('kernel_int8', self.kernel_names), stored('kernel_scale', scale_names)
     packed = stored('kernel_nf4', (None, None))
     absmax = stored('kernel_absmax', (None,))
-    return quant.dequantize_nf4(packed, absmax, kernel_shape, self.param_dtype)
+    return quant.dequantize_nf4(packed, absmax, kernel_shape, self.param_dtype), None
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -122,25 +132,32 @@ class LoraDense(nn.Module):
     in_shape = tuple(inputs.shape[ax] for ax in axis)
     kernel_shape = in_shape + tuple(self.features)
     target = is_target(self.lora, '/'.join(self.path))
-    kernel = self._base_kernel(kernel_shape, target)
+    kernel, kernel_scale = self._base_kernel(kernel_shape, target)
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           nn.initializers.zeros_init(), self.bias_names), tuple(self.features), self.param_dtype)
+    if target:
+      rank = self.lora.rank
+      lora_a = self.param('lora_a', nn.with_logical_partitioning(
+          lora_a_init, tuple(self.kernel_names[:num_in]) + ('lora_rank',)),
+          in_shape + (rank,), self.param_dtype)
+      lora_b = self.param('lora_b', nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), ('lora_rank',) + tuple(self.kernel_names[num_in:])),
+          (rank,) + tuple(self.features), self.param_dtype)
+      dropout_active = self.lora.dropout > 0 and self.has_rng('dropout')
+      if (self.lora.projection_impl == 'pallas' and self.lora.base_dtype != 'nf4'
+          and not dropout_active):
+        return self._fused(inputs, axis, kernel, kernel_scale, bias, lora_a, lora_b)
+    if kernel_scale is not None:
+      kernel = quant.dequantize_int8(kernel, kernel_scale, self.param_dtype)
     x, kernel, bias = flax_dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     contract = (axis, tuple(range(num_in)))
-    out = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    out = matmul.dense_dot_general(x, kernel, (contract, ((), ())))
     if bias is not None:
       out += jnp.reshape(bias, (1,) * (ndim - num_in) + tuple(self.features))
     if not target:
       return out
-    rank = self.lora.rank
-    lora_a = self.param('lora_a', nn.with_logical_partitioning(
-        lora_a_init, tuple(self.kernel_names[:num_in]) + ('lora_rank',)),
-        in_shape + (rank,), self.param_dtype)
-    lora_b = self.param('lora_b', nn.with_logical_partitioning(
-        nn.initializers.zeros_init(), ('lora_rank',) + tuple(self.kernel_names[num_in:])),
-        (rank,) + tuple(self.features), self.param_dtype)
     lora_input = inputs
     if self.lora.dropout > 0:
       lora_input = nn.Dropout(self.lora.dropout)(
@@ -150,6 +167,58 @@ class LoraDense(nn.Module):
     hidden = jax.lax.dot_general(lora_input, lora_a, (contract, ((), ())))  # [..., rank]
     delta = jax.lax.dot_general(hidden, lora_b, (((hidden.ndim - 1,), (0,)), ((), ())))
     return out + delta * jnp.asarray(self.lora.alpha / rank, out.dtype)
+
+  def _fused(self, inputs: jax.Array, axis: tuple[int, ...], kernel: jax.Array,
+             kernel_scale: jax.Array | None, bias: jax.Array | None, lora_a: jax.Array,
+             lora_b: jax.Array) -> jax.Array:
+    """The target's output through the fused Pallas kernel, on 2-D views of every operand."""
+    num_in = len(axis)
+    inputs = jnp.moveaxis(inputs, axis, tuple(range(inputs.ndim - num_in, inputs.ndim)))
+    lead_shape = inputs.shape[:inputs.ndim - num_in]
+    in_size = math.prod(lora_a.shape[:-1])
+    out_size = math.prod(self.features)
+    rank = lora_a.shape[-1]
+    weight = kernel.reshape(in_size, out_size)  # [in, out]
+    weight_scale = None
+    if kernel_scale is not None:
+      weight_scale = kernel_scale.reshape(out_size).astype(jnp.float32)  # [out]
+    x, lora_a, lora_b, bias = flax_dtypes.promote_dtype(
+        inputs.reshape(-1, in_size), lora_a, lora_b, bias, dtype=self.dtype)  # x [tokens, in]
+    if weight_scale is None:
+      weight = weight.astype(x.dtype)
+    out = _fused_projection(self.lora.alpha / rank, x, weight, weight_scale,
+                            lora_a.reshape(in_size, rank), lora_b.reshape(rank, out_size))
+    if bias is not None:
+      out = out + bias.reshape(1, out_size)
+    return out.reshape(*lead_shape, *self.features)  # [..., out...]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_projection(scale: float, x: jax.Array, weight: jax.Array,
+                      weight_scale: jax.Array | None, lora_a: jax.Array,
+                      lora_b: jax.Array) -> jax.Array:
+  """x [tokens, in] -> [tokens, out] by the Pallas kernel, with a gradient for a float W."""
+  return pallas_lora.lora_projection(x, weight, lora_a, lora_b, scale=scale,
+                                     weight_scale=weight_scale)
+
+
+def _fused_projection_fwd(scale, x, weight, weight_scale, lora_a, lora_b):
+  kernel = lambda x, lora_a, lora_b: pallas_lora.lora_projection(
+      x, weight, lora_a, lora_b, scale=scale, weight_scale=weight_scale)
+  out, kernel_vjp = jax.vjp(kernel, x, lora_a, lora_b)
+  return out, (kernel_vjp, x, weight)
+
+
+def _fused_projection_bwd(scale, residuals, out_grad):
+  kernel_vjp, x, weight = residuals
+  x_grad, lora_a_grad, lora_b_grad = kernel_vjp(out_grad)
+  weight_grad = None  # an int8 base never trains
+  if jnp.issubdtype(weight.dtype, jnp.floating):  # x^T dy; dropped by XLA when W is frozen
+    weight_grad = jnp.dot(x.T, out_grad, preferred_element_type=jnp.float32).astype(weight.dtype)
+  return x_grad, weight_grad, None, lora_a_grad, lora_b_grad
+
+
+_fused_projection.defvjp(_fused_projection_fwd, _fused_projection_bwd)
 
 
 def _path_names(path) -> tuple[str, ...]:

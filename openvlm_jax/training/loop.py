@@ -11,6 +11,8 @@ import numpy as np
 import tqdm
 
 from openvlm_jax import checkpoint
+from openvlm_jax import evaluation
+from openvlm_jax import inference
 from openvlm_jax import objectives
 from openvlm_jax import parallel
 from openvlm_jax.training import optimizer as optimizer_lib
@@ -48,6 +50,29 @@ def evaluate(eval_step, params, run: setup.Run) -> dict:
       exact_match=totals['exact_match'] / max(totals['num_examples'], 1.0),
       num_examples=totals['num_examples'],
   )
+
+
+def answer(run: setup.Run, params, questions: list[dict]) -> list[dict]:
+  """Generated answers to `questions` (see `inference.read_questions`), by config.predict."""
+  return inference.answer_questions(
+      run.model, params, run.tokenizer, questions,
+      sampling=inference.sampling_from_config(run.config.predict, run.tokenizer),
+      batch_size=run.config.predict.batch_size, max_images=run.config.data.max_images,
+      seed=run.config.seed)
+
+
+def evaluate_generated(params, run: setup.Run) -> dict:
+  """Decodes an answer to every eval question and scores it as a user would.
+
+  Exact match, numeric exact match and relaxed accuracy (ChartQA's 5% rule) of the generated
+  text, next to the teacher-forced metrics of `evaluate`.
+  """
+  questions = [q for path in run.eval_files for q in inference.read_questions(path)]
+  answers = answer(run, params, questions)
+  scores = evaluation.score_answers([a['answer'] for a in answers],
+                                    [q['answer'] or '' for q in questions])
+  return {f'generated_{name}': scores[name]
+          for name in ('exact_match', 'numeric_exact_match', 'relaxed_accuracy')}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -126,11 +151,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     if run.has_eval and (step % training.eval_every == 0 or step == training.num_steps):
       eval_metrics, eval_step_done = evaluate(eval_step, state.params, run), step
+      if training.eval_generate:
+        eval_metrics.update(evaluate_generated(state.params, run))
       logger.write(step, 'eval', eval_metrics)
+      generated = (f"  generated: exact match {eval_metrics['generated_exact_match']:.4f}, "
+                   f"relaxed accuracy {eval_metrics['generated_relaxed_accuracy']:.4f}"
+                   if training.eval_generate else '')
       progress.write(f"step {step:6d}  eval loss {eval_metrics['loss']:.4f}  "
                      f"token accuracy {eval_metrics['token_accuracy']:.4f}  "
                      f"exact match {eval_metrics['exact_match']:.4f} "
-                     f"({eval_metrics['num_examples']:.0f} examples)")
+                     f"({eval_metrics['num_examples']:.0f} examples){generated}")
 
     if step % training.checkpoint_every == 0 or step == training.num_steps or preemption.raised:
       checkpoint.save(manager, step, state, train_iterator, config, force=preemption.raised)
@@ -142,7 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.close()
   logger.close()
   setup.close(run, train_iterator)
-  if run.has_eval and eval_step_done != int(jax.device_get(state.step)):
+  if (run.has_eval and not preemption.raised
+      and eval_step_done != int(jax.device_get(state.step))):
     eval_metrics = evaluate(eval_step, state.params, run)
   if eval_metrics:
     logging.info('Final held-out exact match: %.4f over %d examples',

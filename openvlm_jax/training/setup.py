@@ -7,6 +7,7 @@ from typing import Any, Iterator, Optional
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import transformers
@@ -67,7 +68,8 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str,
 def runtime_overrides(model: ml_collections.ConfigDict) -> dict:
   """The VLMConfig fields that always come from `config.model`, never from a checkpoint."""
   return dict(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
-              scan_layers=model.scan_layers, attention_impl=model.attention_impl)
+              scan_layers=model.scan_layers, attention_impl=model.attention_impl,
+              projection_impl=model.projection_impl)
 
 
 def model_config(config: ml_collections.ConfigDict,
@@ -94,6 +96,11 @@ def make_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Starts the multi-host runtime, builds the mesh, and resolves files, tokenizer and model."""
   parallel.initialize_distributed()
   mesh = parallel.make_mesh(config.mesh)
+  # Process 0 builds the demo data and tokenizer (once per workdir); the others then load them.
+  if jax.process_index() == 0:
+    load_or_train_tokenizer(config, workdir, data_files(config, workdir)[0])
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('openvlm_jax: data and tokenizer ready')
   train_files, eval_files = data_files(config, workdir)
   tokenizer = load_or_train_tokenizer(config, workdir, train_files)
   vlm_config = model_config(config, tokenizer)

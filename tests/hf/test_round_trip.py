@@ -151,3 +151,49 @@ def test_export_loads_in_transformers_with_our_logits(round_trip):
   diff = tiny_hf.max_abs_diff_at(ours, theirs, mask)
   print(f'round trip float32 max abs diff {diff:.2e}')
   assert diff <= 1e-4
+
+
+def test_lora_run_exports_a_peft_adapter_that_peft_loads(round_trip, tmp_path):
+  import peft  # pylint: disable=g-import-not-at-top
+  config = round_trip['config']
+  with config.unlocked():
+    config = config.copy_and_resolve_references()
+  config.lora.rank, config.lora.alpha = 4, 8.0
+  config.lora.targets = (r'llm/.*', r'vision/.*/(fc1|o_proj)')
+  config.trainable = (('projector/.*', True),)
+  config.optimizer.lr = 0.05  # so that B moves well away from zero in 2 steps
+  config.training.num_steps = 2
+  config.export.format = 'peft'
+  config.export.dir = str(tmp_path / 'adapter')
+  workdir = str(tmp_path / 'workdir')
+  modes.train(config, workdir)
+  exported = modes.export(config, workdir)
+  assert exported['format'] == 'peft'
+  run = setup.make_run(config, workdir)
+  params, _ = modes.restore_params(run)
+  params = jax.device_get(params)
+  lora_b = params['llm']['layers']['attention']['q_proj']['lora_b']
+  assert np.abs(lora_b).max() > 1e-3  # the adapters trained
+
+  adapter_config = json.loads((tmp_path / 'adapter' / 'adapter_config.json').read_text())
+  assert adapter_config['base_model_name_or_path'] == str(round_trip['init_folder'])
+  assert adapter_config['modules_to_save'] == ['model.multi_modal_projector']
+  base = transformers.LlavaForConditionalGeneration.from_pretrained(
+      round_trip['init_folder'], attn_implementation='eager', dtype=torch.float32)
+  peft_model = peft.PeftModel.from_pretrained(base, tmp_path / 'adapter').eval()
+
+  rng = np.random.default_rng(1)
+  input_ids = rng.integers(4, 200, size=(1, 24)).astype(np.int32)
+  input_ids[0, 2:2 + tiny_hf.NUM_PATCHES] = run.vlm_config.image_token_id
+  pixels = rng.normal(size=(1, tiny_hf.IMAGE_SIZE, tiny_hf.IMAGE_SIZE, 3)).astype(np.float32)
+  mask = np.ones_like(input_ids)
+  ours = VLM(run.vlm_config).apply({'params': params}, input_ids, pixels[:, None],
+                                   positions=tiny_hf.positions_from_mask(mask),
+                                   attention_mask=mask)
+  with torch.no_grad():
+    theirs = peft_model(input_ids=torch.from_numpy(input_ids.astype(np.int64)),
+                        attention_mask=torch.from_numpy(mask.astype(np.int64)),
+                        pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2))).logits
+  diff = tiny_hf.max_abs_diff_at(ours, theirs, mask)
+  print(f'PEFT adapter from --mode=export vs ours max abs diff {diff:.2e}')
+  assert diff <= 1e-4
