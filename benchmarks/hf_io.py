@@ -6,7 +6,7 @@ transformers (sharded safetensors). Then, each in a fresh child process:
   import: `hf_io.load_pretrained(folder)` -> params on the (CPU) device;
   export: random params of the same shapes on the device -> `hf_io.save_pretrained`.
 A child reports its resident memory before the measured call (after imports, and for the
-export after its params exist) and its peak (`ru_maxrss`); the goal is a peak of about one
+export after its params exist) and its peak (VmHWM); the goal is a peak of about one
 copy of the model above that. Prints a table and writes JSON.
 
   python benchmarks/hf_io.py --out=benchmarks/results/hf_io.json
@@ -15,7 +15,6 @@ copy of the model above that. Prints a table and writes JSON.
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,18 +25,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 
 
-def rss_bytes() -> int:
-  """Current resident set size of this process."""
+def _memory_status(field: str) -> int:
+  """A /proc/self/status memory field in bytes (Linux reports KiB)."""
   with open('/proc/self/status') as f:
     for line in f:
-      if line.startswith('VmRSS:'):
+      if line.startswith(field + ':'):
         return int(line.split()[1]) * 1024
-  raise RuntimeError('no VmRSS in /proc/self/status')
+  raise RuntimeError(f'no {field} in /proc/self/status')
+
+
+def rss_bytes() -> int:
+  """Current resident set size of this process."""
+  return _memory_status('VmRSS')
 
 
 def peak_rss_bytes() -> int:
-  """Peak resident set size of this process so far (Linux reports KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  """Peak resident set size of this process so far.
+
+  VmHWM, not getrusage's ru_maxrss: a child started by exec inherits its parent's ru_maxrss.
+  """
+  return _memory_status('VmHWM')
 
 
 def build_checkpoint(folder: str, args: argparse.Namespace) -> dict:
@@ -96,7 +103,7 @@ def child(mode: str, folder: str, out_folder: str, dtype: str, shard_size: str) 
 
 
 def run_child(mode: str, folder: str, out_folder: str, dtype: str, shard_size: str) -> dict:
-  """Runs `child` in a new interpreter (so ru_maxrss is its own) and returns its JSON."""
+  """Runs `child` in a new interpreter (so its peak memory is its own) and returns its JSON."""
   command = [sys.executable, os.path.abspath(__file__), f'--child={mode}', f'--folder={folder}',
              f'--export_dir={out_folder}', f'--dtype={dtype}', f'--shard_size={shard_size}']
   env = dict(os.environ, JAX_PLATFORMS='cpu', TOKENIZERS_PARALLELISM='false')

@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -151,13 +150,16 @@ def matmul_peak_flops(size=2048, repeats=10):
   return 2 * size ** 3 / statistics.median(times)
 
 
-def current_rss() -> int:
-  """This process's resident memory now, in bytes (Linux)."""
+def memory_status(field: str) -> int:
+  """A /proc/self/status memory field in bytes: 'VmRSS' (now) or 'VmHWM' (peak) (Linux).
+
+  VmHWM, unlike `getrusage`'s ru_maxrss, does not inherit the parent's peak across exec.
+  """
   with open('/proc/self/status') as f:
     for line in f:
-      if line.startswith('VmRSS:'):
+      if line.startswith(field + ':'):
         return int(line.split()[1]) * 1024
-  raise RuntimeError('no VmRSS in /proc/self/status')
+  raise RuntimeError(f'no {field} in /proc/self/status')
 
 
 def child_peak_rss(case, framework, steps=3):
@@ -185,11 +187,14 @@ def main():
   args = parser.parse_args()
 
   if args.child:
-    after_imports = current_rss()
+    if args.child == 'torch':
+      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    jax.devices()  # both children start the JAX runtime before the baseline
+    after_imports = memory_status('VmRSS')
     run_one_step = jax_runner(args.case)[0] if args.child == 'jax' else torch_runner(args.case)
     for _ in range(args.steps):
       run_one_step()
-    print(after_imports, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(after_imports, memory_status('VmHWM'))
     return
 
   peak = matmul_peak_flops()
