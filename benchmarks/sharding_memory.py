@@ -99,7 +99,7 @@ def main():
   parser.add_argument('--batch', type=int, default=8, help='global batch (rows)')
   parser.add_argument('--seq-len', type=int, default=512)
   parser.add_argument('--remat', default='full', choices=['none', 'full', 'dots'])
-  parser.add_argument('--out', default='runs/sharding_memory.json')
+  parser.add_argument('--out', default='benchmarks/results/sharding_memory.json')
   args = parser.parse_args()
   config = one_billion_config(args.seq_len, args.remat)
   results = []
