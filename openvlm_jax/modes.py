@@ -18,7 +18,6 @@ from openvlm_jax.integrations import sqlite_export
 from openvlm_jax.training import loop
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import setup
-from openvlm_jax.training import state as state_lib
 from openvlm_jax.training import step as step_lib
 
 
@@ -29,22 +28,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def restore_params(run: setup.Run, step: int = -1):
   """The parameters of checkpoint `step` (-1: the latest) in the run's workdir."""
-  config = run.config
-  trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))
-  optimizer, _ = optimizer_lib.make_optimizer(config.optimizer, config.training.num_steps,
-                                              trainable)
-  example_inputs = setup.example_inputs(run)
-  shardings = state_lib.state_shardings(run.model, optimizer, example_inputs, run.mesh,
-                                        config.logical_axis_rules)
-  manager = checkpoint.make_manager(run.workdir, config.training.keep_checkpoints)
+  manager = checkpoint.make_manager(run.workdir, run.config.training.keep_checkpoints)
   step = manager.latest_step() if step == -1 else step
   if step is None or step not in manager.all_steps():
     which = '' if step is None else f' at step {step}'
     raise FileNotFoundError(f'no checkpoint{which} in {manager.directory} '
                             f'(saved steps: {list(manager.all_steps())})')
-  abstract_state = checkpoint.abstract_like(
-      jax.eval_shape(lambda: state_lib.create_train_state(
-          run.model, optimizer, example_inputs, shardings, jax.random.key(0))), shardings)
+  abstract_state = setup.state_layout(run).abstract_state(run.model)
   state = checkpoint.restore(manager, step, abstract_state)
   manager.close()
   return state.params, step

@@ -84,25 +84,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = setup.make_run(config, workdir)
   train_iterator = setup.train_iterator(run)
   loss_terms = objectives.get(config.objective, run.tokenizer)
-  trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))
-  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, training.num_steps,
-                                                     trainable)
-  example_inputs = setup.example_inputs(run)
-  shardings = state_lib.state_shardings(run.model, optimizer, example_inputs, run.mesh,
-                                        config.logical_axis_rules)
+  layout = setup.state_layout(run)
+  trainable, optimizer, shardings = layout.trainable, layout.optimizer, layout.shardings
 
   # ---- Restore or initialise -----------------------------------------------------------------
   manager = checkpoint.make_manager(workdir, training.keep_checkpoints)
   latest_step = manager.latest_step()
   if latest_step is not None:
-    abstract_state = checkpoint.abstract_like(
-        jax.eval_shape(lambda: state_lib.create_train_state(
-            run.model, optimizer, example_inputs, shardings, jax.random.key(0))), shardings)
-    state = checkpoint.restore(manager, latest_step, abstract_state, train_iterator)
+    state = checkpoint.restore(manager, latest_step, layout.abstract_state(run.model),
+                               train_iterator)
     logging.info('Resumed from %s at step %d', manager.directory, latest_step)
   else:
     params = setup.pretrained_params(run, shardings.params)
-    state = state_lib.create_train_state(run.model, optimizer, example_inputs, shardings,
+    state = state_lib.create_train_state(run.model, optimizer, layout.example_inputs, shardings,
                                          jax.random.key(config.seed), params=params)
   num_trained, num_params = optimizer_lib.count_trainable(state.params, trainable(state.params))
   logging.info('Model: %.2fM parameters, %.2fM trained (%.1f%%)', num_params / 1e6,
@@ -111,7 +105,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- Compile -------------------------------------------------------------------------------
   batch_sharding = parallel.batch_sharding(run.mesh)
   train_step = jax.jit(
-      step_lib.make_train_step(run.model, loss_terms, optimizer, schedule,
+      step_lib.make_train_step(run.model, loss_terms, optimizer, layout.schedule,
                                config.optimizer.grad_accum_steps, trainable=trainable),
       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
       donate_argnums=0)

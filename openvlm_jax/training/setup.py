@@ -13,6 +13,7 @@ import numpy as np
 import transformers
 from jax.sharding import Mesh
 
+from openvlm_jax import checkpoint
 from openvlm_jax import config_lib
 from openvlm_jax import parallel
 from openvlm_jax.data import digits
@@ -22,6 +23,7 @@ from openvlm_jax.hf import io as hf_io
 from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.vlm import VLM
+from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib
 
 
@@ -184,3 +186,37 @@ def close(run: Run, iterator: Any) -> None:
   del run
   if hasattr(iterator, 'close'):
     iterator.close()
+
+
+@dataclasses.dataclass
+class StateLayout:
+  """How a run's train state is made: what trains, the optimizer, and every leaf's sharding.
+
+  Training, resuming and the restore of eval/predict/export must agree on all of it, or a
+  saved state no longer fits (e.g. a LoRA run's masked optimizer state).
+  """
+
+  trainable: Any  # params -> tree of bools
+  optimizer: Any
+  schedule: Any
+  example_inputs: dict
+  shardings: state_lib.TrainState
+
+  def abstract_state(self, model: VLM) -> state_lib.TrainState:
+    """ShapeDtypeStructs of the train state, carrying the shardings (restore targets)."""
+    shapes = jax.eval_shape(lambda: state_lib.create_train_state(
+        model, self.optimizer, self.example_inputs, self.shardings, jax.random.key(0)))
+    return checkpoint.abstract_like(shapes, self.shardings)
+
+
+def state_layout(run: Run) -> StateLayout:
+  """The run's trainable mask, optimizer, schedule and train-state shardings."""
+  config = run.config
+  trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.training.num_steps,
+                                                     trainable)
+  inputs = example_inputs(run)
+  shardings = state_lib.state_shardings(run.model, optimizer, inputs, run.mesh,
+                                        config.logical_axis_rules)
+  return StateLayout(trainable=trainable, optimizer=optimizer, schedule=schedule,
+                     example_inputs=inputs, shardings=shardings)
