@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 # Finite, so that rows with no allowed key give zeros rather than NaN.
 _MASK_VALUE = -1e30
@@ -34,6 +36,9 @@ _BLOCK_TABLE = {
 }
 
 
+_MIN_BLOCK = {'tpu': 128}
+
+
 def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
@@ -46,14 +51,16 @@ def default_block_sizes(q_len: int, kv_len: int, head_dim: int,
                         backend: str | None = None) -> tuple[int, int]:
   """(block_q, block_k) from the per-backend table, shrunk for short sequences.
 
-  A block never exceeds the sequence rounded up to a power of two (at least 16), so tiny
-  inputs are not padded to 128.
+  A block never exceeds the sequence rounded up to a power of two, and never goes below the
+  backend's floor (16; 128 on TPU, where key blocks are rows of 128 lanes), so tiny inputs
+  are not padded to full size.
   """
   backend = backend or jax.default_backend()
   rows = _BLOCK_TABLE.get(backend, _BLOCK_TABLE['cpu'])
   block_q, block_k = next(blocks for bound, blocks in rows if bound is None or head_dim <= bound)
-  block_q = min(block_q, max(16, _next_power_of_2(q_len)))
-  block_k = min(block_k, max(16, _next_power_of_2(kv_len)))
+  floor = _MIN_BLOCK.get(backend, 16)
+  block_q = min(block_q, max(floor, _next_power_of_2(q_len)))
+  block_k = min(block_k, max(floor, _next_power_of_2(kv_len)))
   return block_q, block_k
 
 
@@ -69,20 +76,41 @@ class _Static:
   block_q: int
   block_k: int
   interpret: bool
+  backend: str  # 'cpu' | 'gpu' | 'tpu': the platform the kernels are built for
+  heads_major: bool  # q/k/v laid out [b, h, s, d] (TPU) rather than [b, s, h, d]
 
 
-def _block_mask(static, q_pos, kv_pos, q_seg, kv_seg, q_prefix, kv_prefix):
-  """[block_q, block_k] bool of allowed (query, key) pairs, or None when all are allowed."""
+def _compiler_params(static, num_grid_dims=3):
+  """Triton on GPU (jax's default there is Mosaic GPU), Mosaic on TPU; none when interpreted."""
+  if static.interpret:
+    return None
+  if static.backend == 'gpu':
+    return pltriton.CompilerParams(num_warps=4 if static.block_k <= 64 else 8, num_stages=2)
+  if static.backend == 'tpu':
+    return pltpu.CompilerParams(dimension_semantics=('parallel',) * num_grid_dims)
+  return None
+
+
+def _block_mask(static, q_start, kv_start, q_seg, kv_seg, prefix_len):
+  """[block_q, block_k] bool of allowed (query, key) pairs, or None when all are allowed.
+
+  q_seg is a column [block_q, 1], kv_seg a row [1, block_k], prefix_len [1, 1]: 2-D
+  throughout, which is what Mosaic lays out well, and no array longer than a block (Triton
+  wants power-of-two sizes).
+  """
+  shape = (static.block_q, static.block_k)
+  q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
+  kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, shape, 1)
   mask = None
   if static.causal:
-    mask = kv_pos[None, :] <= q_pos[:, None]
+    mask = kv_pos <= q_pos
     if static.use_prefix:
-      mask = mask | ((q_prefix[:, None] > 0) & (kv_prefix[None, :] > 0))
+      mask = mask | ((q_pos < prefix_len) & (kv_pos < prefix_len))
   if static.use_segments:
-    same = q_seg[:, None] == kv_seg[None, :]
+    same = q_seg == kv_seg
     mask = same if mask is None else mask & same
   elif static.kv_padded > static.kv_len:
-    real = jnp.broadcast_to(kv_pos[None, :] < static.kv_len, (q_pos.shape[0], kv_pos.shape[0]))
+    real = kv_pos < static.kv_len
     mask = real if mask is None else mask & real
   return mask
 
@@ -102,134 +130,142 @@ def _dot(a, b):
 
 
 def _split_mask_refs(static, refs):
-  """Splits the optional (q_seg, kv_seg, q_prefix, kv_prefix) refs off the front of refs."""
-  q_seg = kv_seg = q_prefix = kv_prefix = None
+  """Splits the optional (q_seg, kv_seg, prefix_len) refs off the front of refs."""
+  q_seg = kv_seg = prefix = None
   if static.use_segments:
     q_seg, kv_seg, *refs = refs
   if static.use_prefix:
-    q_prefix, kv_prefix, *refs = refs
-  return (q_seg, kv_seg, q_prefix, kv_prefix), refs
+    prefix, *refs = refs
+  return (q_seg, kv_seg, prefix), refs
 
 
-def _kv_block_range(static, q_start, block_q, kv_prefix_ref, num_kv_blocks):
+def _kv_block_range(static, q_start, prefix_len, num_kv_blocks):
   """[lo, hi) of the key blocks a query block can see."""
   if not static.causal:
     return 0, num_kv_blocks
-  hi = jnp.minimum((q_start + block_q - 1) // static.block_k + 1, num_kv_blocks)
+  # lax.div, not //: the values are non-negative, and floor division of signed integers
+  # needs chip information in Mosaic's lowering.
+  hi = jnp.minimum(lax.div(q_start + static.block_q - 1, static.block_k) + 1, num_kv_blocks)
   if static.use_prefix:
-    prefix_len = jnp.sum(kv_prefix_ref[...])
-    hi = jnp.maximum(hi, (prefix_len + static.block_k - 1) // static.block_k)
+    prefix_end = lax.div(jnp.sum(prefix_len) + static.block_k - 1, static.block_k)
+    hi = jnp.maximum(hi, prefix_end)
   return 0, hi
 
 
-def _q_block_range(static, kv_start, q_prefix_ref, num_q_blocks):
+def _q_block_range(static, kv_start, prefix_len, num_q_blocks):
   """[lo, hi) of the query blocks that can see a key block."""
   if not static.causal:
     return 0, num_q_blocks
-  lo = kv_start // static.block_q
+  lo = lax.div(kv_start, static.block_q)
   if static.use_prefix:
-    prefix_len = jnp.sum(q_prefix_ref[...])
-    lo = jnp.where(kv_start < prefix_len, 0, lo)
+    lo = jnp.where(kv_start < jnp.sum(prefix_len), 0, lo)
   return lo, num_q_blocks
 
 
-def _slice_or_none(ref, start, size):
-  return None if ref is None else ref[pl.ds(start, size)]
+def _rows(ref, start, size):
+  """Rows [start, start + size) of a column ref [len, 1], or None."""
+  return None if ref is None else ref[pl.ds(start, size), :]
+
+
+def _cols(ref, start, size):
+  """Columns [start, start + size) of a row ref [1, len], or None."""
+  return None if ref is None else ref[:, pl.ds(start, size)]
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, static):
-  """One query block against all key blocks: out [block_q, d], lse [block_q]."""
-  (q_seg_ref, kv_seg_ref, q_pre_ref, kv_pre_ref), (out_ref, lse_ref) = _split_mask_refs(
-      static, refs)
-  block_q, block_k = q_ref.shape[0], static.block_k
+  """One query block against all key blocks: out [block_q, d], lse [block_q, 1]."""
+  (q_seg_ref, kv_seg_ref, prefix_ref), (out_ref, lse_ref) = _split_mask_refs(static, refs)
+  block_q, block_k = static.block_q, static.block_k
   q_start = pl.program_id(2) * block_q
   q = q_ref[...]  # [block_q, d]
-  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-  q_seg = None if q_seg_ref is None else q_seg_ref[...]
-  q_prefix = None if q_pre_ref is None else q_pre_ref[...]
+  q_seg = None if q_seg_ref is None else q_seg_ref[...]  # [block_q, 1]
+  prefix_len = None if prefix_ref is None else prefix_ref[...]  # [1, 1]
 
   def body(j, carry):
-    acc, row_max, row_sum = carry
+    acc, row_max, row_sum = carry  # [block_q, d], [block_q, 1], [block_q, 1]
     kv_start = j * block_k
     k = k_ref[pl.ds(kv_start, block_k), :]
     v = v_ref[pl.ds(kv_start, block_k), :]
     logits = _dot_nt(q, k) * static.scale  # [block_q, block_k]
-    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    mask = _block_mask(static, q_pos, kv_pos, q_seg, _slice_or_none(kv_seg_ref, kv_start, block_k),
-                       q_prefix, _slice_or_none(kv_pre_ref, kv_start, block_k))
+    mask = _block_mask(static, q_start, kv_start, q_seg, _cols(kv_seg_ref, kv_start, block_k),
+                       prefix_len)
     if mask is not None:
       logits = jnp.where(mask, logits, _MASK_VALUE)
-    new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-    probs = jnp.exp(logits - new_max[:, None])
+    new_max = jnp.maximum(row_max, jnp.max(logits, axis=1, keepdims=True))
+    probs = jnp.exp(logits - new_max)
     if mask is not None:
       probs = jnp.where(mask, probs, 0.0)
     correction = jnp.exp(row_max - new_max)
-    row_sum = row_sum * correction + jnp.sum(probs, axis=1)
-    acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
+    row_sum = row_sum * correction + jnp.sum(probs, axis=1, keepdims=True)
+    acc = acc * correction + _dot(probs.astype(v.dtype), v)
     return acc, new_max, row_sum
 
   num_kv_blocks = k_ref.shape[0] // block_k
-  lo, hi = _kv_block_range(static, q_start, block_q, kv_pre_ref, num_kv_blocks)
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), _MASK_VALUE, jnp.float32),
-          jnp.zeros((block_q,), jnp.float32))
+  lo, hi = _kv_block_range(static, q_start, prefix_len, num_kv_blocks)
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q, 1), _MASK_VALUE, jnp.float32),
+          jnp.zeros((block_q, 1), jnp.float32))
   acc, row_max, row_sum = lax.fori_loop(lo, hi, body, init)
   has_keys = row_sum > 0
-  out_ref[...] = (acc / jnp.where(has_keys, row_sum, 1.0)[:, None]).astype(out_ref.dtype)
+  safe_sum = jnp.where(has_keys, row_sum, 1.0)
+  out_ref[...] = (acc / safe_sum).astype(out_ref.dtype)
   # A row with no allowed key gets a huge lse, so exp(logit - lse) is 0 in the backward pass.
-  lse_ref[...] = jnp.where(has_keys, row_max + jnp.log(jnp.where(has_keys, row_sum, 1.0)),
-                           -_MASK_VALUE)
+  lse_ref[...] = jnp.where(has_keys, row_max + jnp.log(safe_sum), -_MASK_VALUE)
 
 
 def _probs_and_dlogits(static, q, k, v, do, lse, delta, mask):
-  """Recomputes probs [bq, bk] from lse and returns (probs, dlogits) (before the scale)."""
+  """Recomputes probs [bq, bk] from lse [bq, 1] and returns (probs, dlogits) (before the scale)."""
   logits = _dot_nt(q, k) * static.scale
-  probs = jnp.exp(logits - lse[:, None])
+  probs = jnp.exp(logits - lse)
   if mask is not None:
     probs = jnp.where(mask, probs, 0.0)
   dprobs = _dot_nt(do, v)  # [block_q, block_k]
-  return probs, probs * (dprobs - delta[:, None])
+  return probs, probs * (dprobs - delta)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static):
   """dq of one query block: loops over the key blocks it sees."""
-  (q_seg_ref, kv_seg_ref, q_pre_ref, kv_pre_ref), (dq_ref,) = _split_mask_refs(static, refs)
-  block_q, block_k = q_ref.shape[0], static.block_k
+  (q_seg_ref, kv_seg_ref, prefix_ref), (dq_ref,) = _split_mask_refs(static, refs)
+  block_q, block_k = static.block_q, static.block_k
   q_start = pl.program_id(2) * block_q
   q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+  lse, delta = lse_ref[...], delta_ref[...]  # [block_q, 1]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
-  q_prefix = None if q_pre_ref is None else q_pre_ref[...]
+  prefix_len = None if prefix_ref is None else prefix_ref[...]
 
   def body(j, dq):
     kv_start = j * block_k
     k = k_ref[pl.ds(kv_start, block_k), :]
     v = v_ref[pl.ds(kv_start, block_k), :]
-    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    mask = _block_mask(static, q_pos, kv_pos, q_seg, _slice_or_none(kv_seg_ref, kv_start, block_k),
-                       q_prefix, _slice_or_none(kv_pre_ref, kv_start, block_k))
+    mask = _block_mask(static, q_start, kv_start, q_seg, _cols(kv_seg_ref, kv_start, block_k),
+                       prefix_len)
     _, dlogits = _probs_and_dlogits(static, q, k, v, do, lse, delta, mask)
     return dq + _dot(dlogits.astype(k.dtype), k)
 
   num_kv_blocks = k_ref.shape[0] // block_k
-  lo, hi = _kv_block_range(static, q_start, block_q, kv_pre_ref, num_kv_blocks)
+  lo, hi = _kv_block_range(static, q_start, prefix_len, num_kv_blocks)
   dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * static.scale).astype(dq_ref.dtype)
 
 
+def _group_rows(static, ref, head, start, size):
+  """Rows [start, start + size) of query head `head` of a group block, as [size, d]."""
+  if static.heads_major:  # ref [group, q_len, d]
+    return ref[head, pl.ds(start, size), :]
+  return ref[pl.ds(start, size), head, :]  # ref [q_len, group, d]
+
+
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static):
   """dk, dv of one key block of one kv head: loops over the group's query heads and blocks."""
-  (q_seg_ref, kv_seg_ref, q_pre_ref, kv_pre_ref), (dk_ref, dv_ref) = _split_mask_refs(
-      static, refs)
-  block_q, block_k = static.block_q, k_ref.shape[0]
-  group = q_ref.shape[1]
+  (q_seg_ref, kv_seg_ref, prefix_ref), (dk_ref, dv_ref) = _split_mask_refs(static, refs)
+  block_q, block_k = static.block_q, static.block_k
+  group = lse_ref.shape[0]  # lse_ref [group, q_len, 1]
+  q_len = lse_ref.shape[1]
   kv_start = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
-  kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-  kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
-  kv_prefix = None if kv_pre_ref is None else kv_pre_ref[...]
-  num_q_blocks = q_ref.shape[0] // block_q
-  lo, hi = _q_block_range(static, kv_start, q_pre_ref, num_q_blocks)
+  kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]  # [1, block_k]
+  prefix_len = None if prefix_ref is None else prefix_ref[...]  # [1, 1]
+  num_q_blocks = q_len // block_q
+  lo, hi = _q_block_range(static, kv_start, prefix_len, num_q_blocks)
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
   for head in range(group):
@@ -237,13 +273,12 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static)
     def body(i, carry, head=head):
       dk, dv = carry
       q_start = i * block_q
-      q = q_ref[pl.ds(q_start, block_q), head, :]
-      do = do_ref[pl.ds(q_start, block_q), head, :]
-      lse = lse_ref[head, pl.ds(q_start, block_q)]
-      delta = delta_ref[head, pl.ds(q_start, block_q)]
-      q_pos = q_start + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-      mask = _block_mask(static, q_pos, kv_pos, _slice_or_none(q_seg_ref, q_start, block_q),
-                         kv_seg, _slice_or_none(q_pre_ref, q_start, block_q), kv_prefix)
+      q = _group_rows(static, q_ref, head, q_start, block_q)
+      do = _group_rows(static, do_ref, head, q_start, block_q)
+      lse = lse_ref[head, pl.ds(q_start, block_q), :]  # [block_q, 1]
+      delta = delta_ref[head, pl.ds(q_start, block_q), :]
+      mask = _block_mask(static, q_start, kv_start, _rows(q_seg_ref, q_start, block_q), kv_seg,
+                         prefix_len)
       probs, dlogits = _probs_and_dlogits(static, q, k, v, do, lse, delta, mask)
       dv = dv + _dot_tn(probs.astype(do.dtype), do)
       dk = dk + _dot_tn(dlogits.astype(q.dtype), q)
@@ -254,87 +289,112 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _mask_inputs_and_specs(static, mask_arrays, q_block_map, kv_block_map, q_full_map,
-                           kv_full_map, q_len, kv_len, q_blocked):
-  """Inputs and BlockSpecs of the optional segment / prefix arrays for one kernel."""
-  q_seg, kv_seg, prefix = mask_arrays
-  pairs = []
-  if static.use_segments:
-    pairs.append((q_seg, kv_seg))
-  if static.use_prefix:
-    pairs.append((prefix, prefix))
+def _specs(static, q_len, kv_len, head_dim, group):
+  """BlockSpecs of every operand, for the query-block grid and the key-block grid.
+
+  Query-block grid (forward, dq): (b, h, i) over query blocks i. Key-block grid (dk/dv):
+  (b, kv head, j) over key blocks j. Per-row statistics are [b, h, s, 1]; query-side mask
+  arrays [b, s, 1] (columns), key-side ones [b, 1, s] (rows).
+  """
+  block_q, block_k = static.block_q, static.block_k
+  if static.heads_major:  # [b, h, s, d]
+    q_block = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0))
+    kv_full = pl.BlockSpec((None, None, kv_len, head_dim), lambda b, h, i: (b, lax.div(h, group), 0, 0))
+    q_group = pl.BlockSpec((None, group, q_len, head_dim), lambda b, h, j: (b, h, 0, 0))
+    kv_block = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, j: (b, h, j, 0))
+  else:  # [b, s, h, d]
+    q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    kv_full = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, lax.div(h, group), 0))
+    q_group = pl.BlockSpec((None, q_len, group, head_dim), lambda b, h, j: (b, 0, h, 0))
+    kv_block = pl.BlockSpec((None, block_k, None, head_dim), lambda b, h, j: (b, j, h, 0))
+  return dict(
+      q_block=q_block, kv_full=kv_full, q_group=q_group, kv_block=kv_block,
+      rows_block=pl.BlockSpec((None, None, block_q, 1), lambda b, h, i: (b, h, i, 0)),
+      rows_group=pl.BlockSpec((None, group, q_len, 1), lambda b, h, j: (b, h, 0, 0)),
+      q_mask_block=pl.BlockSpec((None, block_q, 1), lambda b, h, i: (b, i, 0)),
+      kv_mask_full=pl.BlockSpec((None, 1, kv_len), lambda b, h, i: (b, 0, 0)),
+      q_mask_full=pl.BlockSpec((None, q_len, 1), lambda b, h, j: (b, 0, 0)),
+      kv_mask_block=pl.BlockSpec((None, 1, block_k), lambda b, h, j: (b, 0, j)),
+  )
+
+
+def _mask_operands(static, mask_arrays, q_spec, kv_spec):
+  """Inputs and BlockSpecs of the optional segment ids and prefix lengths for one kernel."""
+  q_seg, kv_seg, prefix_len = mask_arrays
   inputs, specs = [], []
-  for q_side, kv_side in pairs:
-    inputs += [q_side, kv_side]
-    if q_blocked:
-      specs += [pl.BlockSpec((None, static.block_q), q_block_map),
-                pl.BlockSpec((None, kv_len), kv_full_map)]
-    else:
-      specs += [pl.BlockSpec((None, q_len), q_full_map),
-                pl.BlockSpec((None, static.block_k), kv_block_map)]
+  if static.use_segments:
+    inputs += [q_seg, kv_seg]
+    specs += [q_spec, kv_spec]
+  if static.use_prefix:  # [b, 1, 1]
+    inputs.append(prefix_len)
+    specs.append(pl.BlockSpec((None, 1, 1), lambda b, h, i: (b, 0, 0)))
   return inputs, specs
 
 
+def _layout(static, x):
+  """(batch, seq, heads, head_dim) of a q/k/v operand in either layout."""
+  if static.heads_major:
+    batch, heads, seq, head_dim = x.shape
+  else:
+    batch, seq, heads, head_dim = x.shape
+  return batch, seq, heads, head_dim
+
+
 def _forward(static, q, k, v, mask_arrays):
-  """Padded inputs -> (out [b, sq, h, d], lse [b, h, sq] float32)."""
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  grid = (batch, num_heads, q_len // static.block_q)
-  mask_inputs, mask_specs = _mask_inputs_and_specs(
-      static, mask_arrays, lambda b, h, i: (b, i), None, None, lambda b, h, i: (b, 0),
-      q_len, kv_len, q_blocked=True)
-  q_spec = pl.BlockSpec((None, static.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
+  """Padded inputs -> (out in q's layout, lse [b, h, sq, 1] float32)."""
+  batch, q_len, num_heads, head_dim = _layout(static, q)
+  _, kv_len, num_kv_heads, _ = _layout(static, k)
+  specs = _specs(static, q_len, kv_len, head_dim, num_heads // num_kv_heads)
+  mask_inputs, mask_specs = _mask_operands(static, mask_arrays, specs['q_mask_block'],
+                                           specs['kv_mask_full'])
   return pl.pallas_call(
       functools.partial(_forward_kernel, static=static),
-      grid=grid,
-      in_specs=[q_spec, kv_spec, kv_spec, *mask_specs],
-      out_specs=[q_spec, pl.BlockSpec((None, None, static.block_q), lambda b, h, i: (b, h, i))],
+      grid=(batch, num_heads, q_len // static.block_q),
+      in_specs=[specs['q_block'], specs['kv_full'], specs['kv_full'], *mask_specs],
+      out_specs=[specs['q_block'], specs['rows_block']],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)],
+                 jax.ShapeDtypeStruct((batch, num_heads, q_len, 1), jnp.float32)],
       interpret=static.interpret,
+      compiler_params=_compiler_params(static),
       name='flash_attention_forward',
   )(q, k, v, *mask_inputs)
 
 
 def _backward(static, q, k, v, out, lse, d_out, mask_arrays):
   """Padded inputs -> (dq, dk, dv): one kernel for dq, one for dk and dv."""
-  batch, q_len, num_heads, head_dim = q.shape
-  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  batch, q_len, num_heads, head_dim = _layout(static, q)
+  _, kv_len, num_kv_heads, _ = _layout(static, k)
   group = num_heads // num_kv_heads
-  delta = jnp.einsum('bshd,bshd->bhs', out.astype(jnp.float32), d_out.astype(jnp.float32))
+  specs = _specs(static, q_len, kv_len, head_dim, group)
+  product = 'bhsd,bhsd->bhs' if static.heads_major else 'bshd,bshd->bhs'
+  delta = jnp.einsum(product, out.astype(jnp.float32),
+                     d_out.astype(jnp.float32))[..., None]  # [b, h, sq, 1]
 
-  mask_inputs, mask_specs = _mask_inputs_and_specs(
-      static, mask_arrays, lambda b, h, i: (b, i), None, None, lambda b, h, i: (b, 0),
-      q_len, kv_len, q_blocked=True)
-  q_spec = pl.BlockSpec((None, static.block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
-  row_spec = pl.BlockSpec((None, None, static.block_q), lambda b, h, i: (b, h, i))
+  mask_inputs, mask_specs = _mask_operands(static, mask_arrays, specs['q_mask_block'],
+                                           specs['kv_mask_full'])
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, static=static),
       grid=(batch, num_heads, q_len // static.block_q),
-      in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *mask_specs],
-      out_specs=q_spec,
+      in_specs=[specs['q_block'], specs['kv_full'], specs['kv_full'], specs['q_block'],
+                specs['rows_block'], specs['rows_block'], *mask_specs],
+      out_specs=specs['q_block'],
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=static.interpret,
+      compiler_params=_compiler_params(static),
       name='flash_attention_dq',
   )(q, k, v, d_out, lse, delta, *mask_inputs)
 
-  mask_inputs, mask_specs = _mask_inputs_and_specs(
-      static, mask_arrays, None, lambda b, h, j: (b, j), lambda b, h, j: (b, 0), None,
-      q_len, kv_len, q_blocked=False)
-  group_spec = pl.BlockSpec((None, q_len, group, head_dim), lambda b, h, j: (b, 0, h, 0))
-  group_rows_spec = pl.BlockSpec((None, group, q_len), lambda b, h, j: (b, h, 0))
-  kv_block_spec = pl.BlockSpec((None, static.block_k, None, head_dim), lambda b, h, j: (b, j, h, 0))
+  mask_inputs, mask_specs = _mask_operands(static, mask_arrays, specs['q_mask_full'],
+                                           specs['kv_mask_block'])
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, static=static),
       grid=(batch, num_kv_heads, kv_len // static.block_k),
-      in_specs=[group_spec, kv_block_spec, kv_block_spec, group_spec, group_rows_spec,
-                group_rows_spec, *mask_specs],
-      out_specs=[kv_block_spec, kv_block_spec],
+      in_specs=[specs['q_group'], specs['kv_block'], specs['kv_block'], specs['q_group'],
+                specs['rows_group'], specs['rows_group'], *mask_specs],
+      out_specs=[specs['kv_block'], specs['kv_block']],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       interpret=static.interpret,
+      compiler_params=_compiler_params(static),
       name='flash_attention_dkdv',
   )(q, k, v, d_out, lse, delta, *mask_inputs)
   return dq, dk, dv
@@ -381,6 +441,7 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ) -> jax.Array:
   """Memory-efficient attention, differentiable in query, key and value.
 
@@ -398,6 +459,11 @@ def flash_attention(
     scale: logit scale; head_dim ** -0.5 by default.
     block_q, block_k: block sizes; `default_block_sizes` by default.
     interpret: run the kernels in the Pallas interpreter; default: on CPU.
+    backend: the platform to build for, 'cpu' | 'gpu' | 'tpu' (default: JAX's default
+      backend). It picks block sizes, the compiler (Triton on GPU, Mosaic on TPU) and the
+      layout: on TPU the kernels see [batch, heads, seq, head_dim] (a transpose here), so
+      that every block's last two dims are whole rows and tiles. Interpreted kernels run
+      any backend's variant on CPU.
 
   Returns:
     [batch, q_len, heads, head_dim] in the query's dtype. A query that sees no key gets 0.
@@ -408,7 +474,7 @@ def flash_attention(
     raise ValueError(f'kv heads ({num_kv_heads}) must divide query heads ({num_heads})')
   if prefix_len is not None and (not causal or q_len != kv_len):
     raise ValueError('prefix_len needs causal=True and q_len == kv_len')
-  backend = jax.default_backend()
+  backend = backend or jax.default_backend()
   if interpret is None:
     interpret = backend == 'cpu'
   default_q, default_k = default_block_sizes(q_len, kv_len, head_dim, backend)
@@ -432,17 +498,22 @@ def flash_attention(
     kv_seg = kv_segment_ids.astype(jnp.int32)
     if kv_lengths is not None:
       kv_seg = jnp.where(jnp.arange(kv_len)[None, :] < kv_lengths[:, None], kv_seg, _PAD_SEGMENT)
-    q_seg = _pad_axis(segment_ids.astype(jnp.int32), 1, q_padded)
-    kv_seg = _pad_axis(kv_seg, 1, kv_padded, _PAD_SEGMENT)
+    q_seg = _pad_axis(segment_ids.astype(jnp.int32), 1, q_padded)[:, :, None]  # [b, sq, 1]
+    kv_seg = _pad_axis(kv_seg, 1, kv_padded, _PAD_SEGMENT)[:, None, :]  # [b, 1, skv]
   if prefix_len is not None:
-    prefix = (jnp.arange(q_padded)[None, :] < prefix_len[:, None]).astype(jnp.int32)
+    prefix = prefix_len.astype(jnp.int32).reshape(batch, 1, 1)
 
   static = _Static(scale=float(scale), causal=causal, use_segments=use_segments,
                    use_prefix=prefix_len is not None, kv_len=kv_len, kv_padded=kv_padded,
-                   block_q=block_q,
-                   block_k=block_k, interpret=bool(interpret))
-  q = _pad_axis(_pad_axis(query, 1, q_padded), 3, dim_padded)
-  k = _pad_axis(_pad_axis(key, 1, kv_padded), 3, dim_padded)
-  v = _pad_axis(_pad_axis(value, 1, kv_padded), 3, dim_padded)
-  out = _flash_core(static, q, k, v, (q_seg, kv_seg, prefix))
+                   block_q=block_q, block_k=block_k, interpret=bool(interpret), backend=backend,
+                   heads_major=backend == 'tpu')
+
+  def prepare(x, padded_len):  # [b, s, h, d] -> padded, in the kernels' layout
+    x = _pad_axis(_pad_axis(x, 1, padded_len), 3, dim_padded)
+    return x.transpose(0, 2, 1, 3) if static.heads_major else x
+
+  out = _flash_core(static, prepare(query, q_padded), prepare(key, kv_padded),
+                    prepare(value, kv_padded), (q_seg, kv_seg, prefix))
+  if static.heads_major:
+    out = out.transpose(0, 2, 1, 3)
   return out[:, :q_len, :, :head_dim]

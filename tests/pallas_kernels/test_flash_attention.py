@@ -2,7 +2,10 @@
 
 The grid is small on purpose (each case compiles a forward and two backward kernels): every
 mask kind, GQA ratios 1/2/4/8, ragged lengths, segment boundaries inside a block, float32 and
-bfloat16, a row that sees no key.
+bfloat16, a row that sees no key; each in the sequence-major layout (CPU, GPU) and the
+heads-major one the TPU variant uses. Lowering for GPU (Triton) and TPU (Mosaic) is checked by
+exporting for those platforms from CPU: that proves the kernels lower, not that they compile
+or run on the hardware.
 """
 
 import jax
@@ -48,8 +51,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'tpu'])
 @pytest.mark.parametrize('case', CASES, ids=[case[0] for case in CASES])
-def test_matches_reference(case):
+def test_matches_reference(case, backend):
   _, seq, heads, kv_heads, head_dim, block_q, block_k, dtype, mask_kwargs = case
   rng = np.random.default_rng(seq)
   query, key, value = _inputs(rng, 2, seq, heads, kv_heads, head_dim, dtype)
@@ -59,7 +63,7 @@ def test_matches_reference(case):
 
   def ours(q, k, v):
     return flash_attention.flash_attention(q, k, v, block_q=block_q, block_k=block_k,
-                                           interpret=True, **mask_kwargs)
+                                           interpret=True, backend=backend, **mask_kwargs)
 
   def expected(q, k, v):
     return reference.attention(q, k, v, **mask_kwargs)
@@ -70,7 +74,7 @@ def test_matches_reference(case):
   for name, ours_value, want_value in zip(('out', 'dq', 'dk', 'dv'), got, want):
     assert ours_value.dtype == want_value.dtype, name
     error = _relative_error(ours_value, want_value)
-    print(f'{case[0]} {name}: relative error {error:.1e}')
+    print(f'{case[0]} {backend} {name}: relative error {error:.1e}')
     assert error <= tolerance, (name, error)
 
 
@@ -96,6 +100,7 @@ def test_default_block_sizes_follow_the_table_and_shrink():
   assert flash_attention.default_block_sizes(4096, 4096, 64, 'tpu') == (128, 128)
   assert flash_attention.default_block_sizes(20, 40, 64, 'cpu') == (32, 64)
   assert flash_attention.default_block_sizes(5, 5, 64, 'cpu') == (16, 16)
+  assert flash_attention.default_block_sizes(20, 40, 64, 'tpu') == (128, 128)  # lane floor
 
 
 def test_rejects_bad_arguments():
@@ -105,3 +110,46 @@ def test_rejects_bad_arguments():
     flash_attention.flash_attention(query, key, key)
   with pytest.raises(ValueError, match='prefix_len'):
     flash_attention.flash_attention(query, query, query, prefix_len=jnp.array([2]))
+
+
+# (seq, heads, kv_heads, head_dim, dtype, causal): a 7B-like GQA layer, a CLIP-336 tower
+# (577 tokens, head_dim 80, no mask), a SigLIP-like head_dim 72, a short ragged decoder.
+LOWERING_SHAPES = [
+    (4096, 32, 8, 128, jnp.bfloat16, True),
+    (577, 16, 16, 80, jnp.float32, False),
+    (300, 4, 4, 72, jnp.bfloat16, False),
+    (1000, 8, 1, 64, jnp.bfloat16, True),
+]
+# The Triton custom call carries no export compatibility guarantee; export needs it allowed.
+_ALLOW_TRITON = jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+def test_lowers_for_gpu_and_tpu(platform):
+  backend, kernel_call = {'cuda': ('gpu', '__gpu$xla.gpu.triton'),
+                          'tpu': ('tpu', 'tpu_custom_call')}[platform]
+  batch = 2
+  for seq, heads, kv_heads, head_dim, dtype, causal in LOWERING_SHAPES:
+    query = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), dtype)
+    key = jax.ShapeDtypeStruct((batch, seq, kv_heads, head_dim), dtype)
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    mask_sets = [{}] if not causal else [
+        {}, {'segment_ids': ids, 'kv_lengths': lengths}, {'prefix_len': lengths}]
+    for mask_names in mask_sets:
+
+      def loss_and_grads(q, k, v, segment_ids, lengths, mask_names=mask_names):
+        masks = {'segment_ids': segment_ids, 'kv_lengths': lengths, 'prefix_len': lengths}
+        attend = lambda q, k, v: flash_attention.flash_attention(
+            q, k, v, causal=causal, interpret=False, backend=backend,
+            **{name: masks[name] for name in mask_names})
+        return jax.value_and_grad(lambda *qkv: attend(*qkv).astype(jnp.float32).sum(),
+                                  argnums=(0, 1, 2))(q, k, v)
+
+      exported = jax.export.export(jax.jit(loss_and_grads), platforms=[platform],
+                                   disabled_checks=[_ALLOW_TRITON])(
+                                       query, key, key, ids, lengths)
+      # Forward, dq and dk/dv: three kernels, all lowered by the platform's Pallas compiler.
+      module = exported.mlir_module()
+      assert module.count(kernel_call) == 3, (seq, head_dim, sorted(mask_names))
+      assert exported.out_avals[1].shape == query.shape
