@@ -4,7 +4,8 @@ Attention (causal, GQA 32 query / 8 kv heads, head_dim 128, bfloat16) at sequenc
 8k against XLA's unfused attention, `jax.nn.dot_product_attention` (cuDNN where present) and
 the Pallas attention that ships inside jax (`ops.gpu.attention.mha` on GPU,
 `ops.tpu.flash_attention` on TPU). Projection: the 7B (Llama-2) shapes, 4096 tokens, rank 16,
-fused against `x W + s (x A) B` in XLA, with a bfloat16 and an int8 weight. Forward and
+fused against `x W + s (x A) B` in XLA, with a bfloat16, an int8 and an NF4 weight (XLA:
+dequantize the whole weight, then matmul, then the low-rank term). Forward and
 forward+backward, median time and TFLOP/s (causal attention counts half the square). Prints a
 table and writes JSON; runs in under 5 minutes on a GPU or TPU.
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from openvlm_jax.models import attention as model_attention
+from openvlm_jax.models import quant
 from pallas_kernels import flash_attention, lora_projection
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -49,10 +51,14 @@ def _median_seconds(fn, args, repeats):
 
 
 def _fwd_and_grad(fn, num_diff):
-  """(jitted forward, jitted forward+backward w.r.t. the first `num_diff` args)."""
+  """(jitted forward, jitted forward+backward w.r.t. the first `num_diff` args).
+
+  value_and_grad, not grad: a backward that needs no forward output (the fused projection's)
+  would otherwise let XLA drop the forward kernel from the timing.
+  """
   def loss(*args):
     return jnp.sum(fn(*args).astype(jnp.float32))
-  return jax.jit(fn), jax.jit(jax.grad(loss, argnums=tuple(range(num_diff))))
+  return jax.jit(fn), jax.jit(jax.value_and_grad(loss, argnums=tuple(range(num_diff))))
 
 
 def _jax_pallas_attention(backend):
@@ -119,17 +125,33 @@ def bench_attention(backend, seqs, heads, kv_heads, run_ours, repeats):
   return rows
 
 
-def _xla_lora(x, lora_a, lora_b, weight, weight_scale):
-  dense = weight.astype(x.dtype)
-  base = jnp.dot(x, dense, preferred_element_type=jnp.float32)
-  if weight_scale is not None:
-    base = base * weight_scale
-  low = jnp.dot(jnp.dot(x, lora_a), lora_b, preferred_element_type=jnp.float32)
-  return (base + 2.0 * low).astype(x.dtype)
+def _xla_lora(weight_kind):
+  """x dequant(W) + 2 (x A) B in XLA: fn(x, lora_a, lora_b, weight, weight_aux)."""
+  def run(x, lora_a, lora_b, weight, weight_aux):
+    if weight_kind == 'nf4':  # the whole [in, out] weight, dequantized in the compute dtype
+      shape = (x.shape[-1], weight.shape[1])
+      dense = quant.dequantize_nf4(weight, weight_aux, shape, x.dtype)
+    else:
+      dense = weight.astype(x.dtype)
+    base = jnp.dot(x, dense, preferred_element_type=jnp.float32)
+    if weight_kind == 'int8':
+      base = base * weight_aux
+    low = jnp.dot(jnp.dot(x, lora_a), lora_b, preferred_element_type=jnp.float32)
+    return (base + 2.0 * low).astype(x.dtype)
+  return run
+
+
+def _ours(weight_kind):
+  """Our fused kernel: fn(x, lora_a, lora_b, weight, weight_aux)."""
+  aux_name = {'int8': 'weight_scale', 'nf4': 'weight_absmax'}.get(weight_kind)
+  def run(x, lora_a, lora_b, weight, weight_aux):
+    kwargs = {aux_name: weight_aux} if aux_name else {}
+    return lora_projection.lora_projection(x, weight, lora_a, lora_b, scale=2.0, **kwargs)
+  return run
 
 
 def bench_projection(projections, tokens, run_ours, repeats):
-  """Rows of projection timings, bfloat16 and int8 weights."""
+  """Rows of projection timings, bfloat16, int8 and NF4 weights."""
   rows = []
   rng = np.random.default_rng(0)
   for proj_name, (in_features, out_features) in projections.items():
@@ -140,24 +162,26 @@ def bench_projection(projections, tokens, run_ours, repeats):
         in_features + out_features)
     bwd_flops = 2 * tokens * out_features * in_features + 5 * tokens * RANK * (
         in_features + out_features)  # dx only for W; dA, dB and the x A recompute
-    for weight_kind in ('bf16', 'int8'):
+    for weight_kind in ('bf16', 'int8', 'nf4'):
       if weight_kind == 'bf16':
         weight = jnp.asarray(rng.normal(size=(in_features, out_features)) * 0.02, jnp.bfloat16)
-        weight_scale = None
-      else:
+        weight_aux = None
+      elif weight_kind == 'int8':
         weight = jnp.asarray(rng.integers(-127, 128, size=(in_features, out_features)), jnp.int8)
-        weight_scale = jnp.full((out_features,), 1e-3, jnp.float32)
-      methods = {'xla_unfused': _xla_lora}
+        weight_aux = jnp.full((out_features,), 1e-3, jnp.float32)
+      else:  # packed [in_pad / 2, out] uint8, absmax [in_pad / 64, out]
+        weight, weight_aux = jax.jit(quant.quantize_nf4)(
+            jnp.asarray(rng.normal(size=(in_features, out_features)) * 0.02, jnp.float32))
+      methods = {'xla_unfused': _xla_lora(weight_kind)}
       if run_ours:
-        methods['ours_pallas'] = lambda x, a, b, w, s: lora_projection.lora_projection(
-            x, w, a, b, scale=2.0, weight_scale=s)
+        methods['ours_pallas'] = _ours(weight_kind)
       for name, fn in methods.items():
         row = {'kernel': f'lora_{weight_kind}',
                    'shape': f'{proj_name} {tokens}x{in_features}x{out_features} r={RANK}',
                    'method': name}
         try:
           forward, backward = _fwd_and_grad(fn, 3)
-          operands = (x, lora_a, lora_b, weight, weight_scale)  # arguments, not constants
+          operands = (x, lora_a, lora_b, weight, weight_aux)  # arguments, not constants
           row['fwd_ms'] = 1e3 * _median_seconds(forward, operands, repeats)
           row['fwd_bwd_ms'] = 1e3 * _median_seconds(backward, operands, repeats)
           row['fwd_tflops'] = fwd_flops / row['fwd_ms'] / 1e9

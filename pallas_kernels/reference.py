@@ -7,6 +7,8 @@ and compute in float32 at the highest matmul precision.
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.lora_projection import NF4_BLOCK, NF4_CODE
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -87,6 +89,22 @@ def dequantize_int8(weight: jax.Array, weight_scale: jax.Array) -> jax.Array:
   return weight.astype(jnp.float32) * weight_scale.astype(jnp.float32)[None, :]
 
 
+def dequantize_nf4(packed: jax.Array, absmax: jax.Array) -> jax.Array:
+  """NF4 codes in `lora_projection`'s layout -> float32 [in_pad, out], by table lookup.
+
+  packed uint8 [in_pad / 2, out]: byte row r holds row r (low nibble) and row r + in_pad / 2
+  (high nibble); absmax [in_pad / 64, out] scales 64 consecutive rows of each column.
+  """
+  half_rows, out_features = packed.shape
+  low_codes = jnp.bitwise_and(packed, 15).astype(jnp.int32)
+  high_codes = jnp.right_shift(packed, 4).astype(jnp.int32)
+  codes = jnp.zeros((2 * half_rows, out_features), jnp.int32)
+  codes = codes.at[:half_rows].set(low_codes).at[half_rows:].set(high_codes)  # [in_pad, out]
+  values = jnp.asarray(NF4_CODE)[codes]
+  blocks = values.reshape(absmax.shape[0], NF4_BLOCK, out_features)
+  return (blocks * absmax.astype(jnp.float32)[:, None, :]).reshape(2 * half_rows, out_features)
+
+
 def lora_projection(
     x: jax.Array,
     weight: jax.Array,
@@ -95,15 +113,19 @@ def lora_projection(
     *,
     scale: float,
     weight_scale: jax.Array | None = None,
+    weight_absmax: jax.Array | None = None,
 ) -> jax.Array:
   """Reference of `lora_projection.lora_projection`: x dequant(W) + scale (x A) B.
 
-  x [..., in], weight [in, out] (float, or int8 with `weight_scale` [out]), lora_a [in, rank],
-  lora_b [rank, out] -> [..., out] in x's dtype.
+  x [..., in], weight [in, out] (float, or int8 with `weight_scale` [out]) or NF4 codes
+  [in_pad / 2, out] with `weight_absmax` [in_pad / 64, out], lora_a [in, rank], lora_b
+  [rank, out] -> [..., out] in x's dtype.
   """
   x32 = x.astype(jnp.float32)
   if weight_scale is not None:
     dense = dequantize_int8(weight, weight_scale)
+  elif weight_absmax is not None:
+    dense = dequantize_nf4(weight, weight_absmax)[:x.shape[-1]]
   else:
     dense = weight.astype(jnp.float32)
   base = jnp.matmul(x32, dense, precision=_HIGHEST)

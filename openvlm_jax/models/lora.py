@@ -6,16 +6,17 @@
 [in..., rank] (logical axes of W's inputs + 'lora_rank') and 'lora_b' [rank, out...]
 ('lora_rank' + W's output axes), B starting at zero; its frozen base kernel is stored as
 configured: 'kernel' (float32 or bfloat16), 'kernel_int8' + 'kernel_scale', or 'kernel_nf4'
-+ 'kernel_absmax', dequantized inside the layer. Other Dense layers compute exactly what
-`nn.DenseGeneral` computes, with the same parameters.
++ 'kernel_absmax' (`quant.quantize_nf4`'s layout, [in_pad / 2, out...] and [in_pad / 64,
+out...], sharded like the kernel's output axes), dequantized inside the layer. Other Dense
+layers compute exactly what `nn.DenseGeneral` computes, with the same parameters.
 
 With `LoraConfig.projection_impl == 'pallas'` (set from `VLMConfig.projection_impl`), a target
-whose base is float32, bf16 or int8 runs x W + (x A) B * alpha / rank as one fused Pallas
-kernel (`pallas_kernels.lora_projection`; interpret mode on CPU). It falls back to the XLA
-path for an NF4 base (the kernel dequantizes int8 only) and while LoRA dropout is active
-(the kernel takes one x for both terms; dropout applies to the adapter's input only). A float
-base gets its gradient x^T dy from XLA in the backward pass, so a base kernel that the
-trainable rules train still trains; when it is frozen, XLA drops that unused matmul.
+runs x W + (x A) B * alpha / rank as one fused Pallas kernel (`pallas_kernels.lora_projection`;
+interpret mode on CPU), whatever its base: float32, bf16, int8 or NF4, the quantized ones
+dequantized tile by tile inside the kernel. It falls back to the XLA path while LoRA dropout
+is active (the kernel takes one x for both terms; dropout applies to the adapter's input
+only). A float base gets its gradient x^T dy from XLA in the backward pass, so a base kernel
+that the trainable rules train still trains; when it is frozen, XLA drops that unused matmul.
 """
 
 import contextlib
@@ -93,10 +94,9 @@ class LoraDense(nn.Module):
       return jnp.reshape(self.kernel_init(key, flat, dtype), shape)
     return init
 
-  def _base_kernel(self, kernel_shape: tuple[int, ...],
-                   target: bool) -> tuple[jax.Array, jax.Array | None]:
-    """(kernel, scale): int8 values and their scale [1..., out...] when stored int8, else
-    the kernel in its stored float dtype (NF4 dequantized to param dtype) and None."""
+  def _base_kernel(self, kernel_shape: tuple[int, ...], target: bool) -> dict[str, jax.Array]:
+    """The stored base arrays by name: {'kernel'} in its stored float dtype, {'kernel_int8',
+    'kernel_scale' [1..., out...]} or {'kernel_nf4', 'kernel_absmax'} (`quant`'s layouts)."""
     num_in = len(self.axis)
     float_init = self._float_kernel(kernel_shape, num_in)
     base_dtype = self.lora.base_dtype if target else 'float32'
@@ -104,8 +104,9 @@ class LoraDense(nn.Module):
       raise ValueError(f'unknown lora base_dtype {base_dtype!r}; expected {quant.BASE_DTYPES}')
     if base_dtype in ('float32', 'bf16'):
       stored = self.param_dtype if base_dtype == 'float32' else jnp.bfloat16
-      return self.param('kernel', nn.with_logical_partitioning(float_init, self.kernel_names),
-                        kernel_shape, stored), None
+      return {'kernel': self.param(
+          'kernel', nn.with_logical_partitioning(float_init, self.kernel_names), kernel_shape,
+          stored)}
     quantize = lambda kernel: quant.quantize_stacked(kernel, base_dtype, 0, tuple(range(num_in)))
     # One float kernel feeds both stored arrays; outside init, flax only checks their shapes.
     initial = None
@@ -116,12 +117,22 @@ class LoraDense(nn.Module):
         values = initial if initial is not None else quantize(jnp.zeros(kernel_shape))
         return values[name]
       return self.param(name, nn.with_logical_partitioning(init, names))
+    out_names = tuple(self.kernel_names[num_in:])
     if base_dtype == 'int8':
-      scale_names = (None,) * num_in + tuple(self.kernel_names[num_in:])
-      return stored('kernel_int8', self.kernel_names), stored('kernel_scale', scale_names)
-    packed = stored('kernel_nf4', (None, None))
-    absmax = stored('kernel_absmax', (None,))
-    return quant.dequantize_nf4(packed, absmax, kernel_shape, self.param_dtype), None
+      return {'kernel_int8': stored('kernel_int8', self.kernel_names),
+              'kernel_scale': stored('kernel_scale', (None,) * num_in + out_names)}
+    # [in_pad / 2, out...] and [in_pad / 64, out...]: the row axis mixes input rows.
+    return {'kernel_nf4': stored('kernel_nf4', (None,) + out_names),
+            'kernel_absmax': stored('kernel_absmax', (None,) + out_names)}
+
+  def _dense_kernel(self, base: dict[str, jax.Array], kernel_shape: tuple[int, ...]):
+    """The base kernel [in..., out...] as a float array (quantized ones in param dtype)."""
+    if 'kernel' in base:
+      return base['kernel']
+    if 'kernel_int8' in base:
+      return quant.dequantize_int8(base['kernel_int8'], base['kernel_scale'], self.param_dtype)
+    return quant.dequantize_nf4(base['kernel_nf4'], base['kernel_absmax'], kernel_shape,
+                                self.param_dtype)
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -132,7 +143,7 @@ class LoraDense(nn.Module):
     in_shape = tuple(inputs.shape[ax] for ax in axis)
     kernel_shape = in_shape + tuple(self.features)
     target = is_target(self.lora, '/'.join(self.path))
-    kernel, kernel_scale = self._base_kernel(kernel_shape, target)
+    base = self._base_kernel(kernel_shape, target)
     bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
@@ -146,11 +157,9 @@ class LoraDense(nn.Module):
           nn.initializers.zeros_init(), ('lora_rank',) + tuple(self.kernel_names[num_in:])),
           (rank,) + tuple(self.features), self.param_dtype)
       dropout_active = self.lora.dropout > 0 and self.has_rng('dropout')
-      if (self.lora.projection_impl == 'pallas' and self.lora.base_dtype != 'nf4'
-          and not dropout_active):
-        return self._fused(inputs, axis, kernel, kernel_scale, bias, lora_a, lora_b)
-    if kernel_scale is not None:
-      kernel = quant.dequantize_int8(kernel, kernel_scale, self.param_dtype)
+      if self.lora.projection_impl == 'pallas' and not dropout_active:
+        return self._fused(inputs, axis, base, bias, lora_a, lora_b)
+    kernel = self._dense_kernel(base, kernel_shape)
     x, kernel, bias = flax_dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     contract = (axis, tuple(range(num_in)))
     out = matmul.dense_dot_general(x, kernel, (contract, ((), ())))
@@ -168,9 +177,8 @@ class LoraDense(nn.Module):
     delta = jax.lax.dot_general(hidden, lora_b, (((hidden.ndim - 1,), (0,)), ((), ())))
     return out + delta * jnp.asarray(self.lora.alpha / rank, out.dtype)
 
-  def _fused(self, inputs: jax.Array, axis: tuple[int, ...], kernel: jax.Array,
-             kernel_scale: jax.Array | None, bias: jax.Array | None, lora_a: jax.Array,
-             lora_b: jax.Array) -> jax.Array:
+  def _fused(self, inputs: jax.Array, axis: tuple[int, ...], base: dict[str, jax.Array],
+             bias: jax.Array | None, lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
     """The target's output through the fused Pallas kernel, on 2-D views of every operand."""
     num_in = len(axis)
     inputs = jnp.moveaxis(inputs, axis, tuple(range(inputs.ndim - num_in, inputs.ndim)))
@@ -178,15 +186,18 @@ class LoraDense(nn.Module):
     in_size = math.prod(lora_a.shape[:-1])
     out_size = math.prod(self.features)
     rank = lora_a.shape[-1]
-    weight = kernel.reshape(in_size, out_size)  # [in, out]
-    weight_scale = None
-    if kernel_scale is not None:
-      weight_scale = kernel_scale.reshape(out_size).astype(jnp.float32)  # [out]
     x, lora_a, lora_b, bias = flax_dtypes.promote_dtype(
         inputs.reshape(-1, in_size), lora_a, lora_b, bias, dtype=self.dtype)  # x [tokens, in]
-    if weight_scale is None:
-      weight = weight.astype(x.dtype)
-    out = _fused_projection(self.lora.alpha / rank, x, weight, weight_scale,
+    weight_scale = weight_absmax = None
+    if 'kernel_nf4' in base:
+      weight = base['kernel_nf4'].reshape(-1, out_size)  # [in_pad / 2, out] uint8
+      weight_absmax = base['kernel_absmax'].reshape(-1, out_size).astype(jnp.float32)
+    elif 'kernel_int8' in base:
+      weight = base['kernel_int8'].reshape(in_size, out_size)  # [in, out] int8
+      weight_scale = base['kernel_scale'].reshape(out_size).astype(jnp.float32)  # [out]
+    else:
+      weight = base['kernel'].reshape(in_size, out_size).astype(x.dtype)  # [in, out]
+    out = _fused_projection(self.lora.alpha / rank, x, weight, weight_scale, weight_absmax,
                             lora_a.reshape(in_size, rank), lora_b.reshape(rank, out_size))
     if bias is not None:
       out = out + bias.reshape(1, out_size)
@@ -195,16 +206,17 @@ class LoraDense(nn.Module):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused_projection(scale: float, x: jax.Array, weight: jax.Array,
-                      weight_scale: jax.Array | None, lora_a: jax.Array,
-                      lora_b: jax.Array) -> jax.Array:
+                      weight_scale: jax.Array | None, weight_absmax: jax.Array | None,
+                      lora_a: jax.Array, lora_b: jax.Array) -> jax.Array:
   """x [tokens, in] -> [tokens, out] by the Pallas kernel, with a gradient for a float W."""
   return pallas_lora.lora_projection(x, weight, lora_a, lora_b, scale=scale,
-                                     weight_scale=weight_scale)
+                                     weight_scale=weight_scale, weight_absmax=weight_absmax)
 
 
-def _fused_projection_fwd(scale, x, weight, weight_scale, lora_a, lora_b):
+def _fused_projection_fwd(scale, x, weight, weight_scale, weight_absmax, lora_a, lora_b):
   kernel = lambda x, lora_a, lora_b: pallas_lora.lora_projection(
-      x, weight, lora_a, lora_b, scale=scale, weight_scale=weight_scale)
+      x, weight, lora_a, lora_b, scale=scale, weight_scale=weight_scale,
+      weight_absmax=weight_absmax)
   out, kernel_vjp = jax.vjp(kernel, x, lora_a, lora_b)
   return out, (kernel_vjp, x, weight)
 
@@ -212,10 +224,10 @@ def _fused_projection_fwd(scale, x, weight, weight_scale, lora_a, lora_b):
 def _fused_projection_bwd(scale, residuals, out_grad):
   kernel_vjp, x, weight = residuals
   x_grad, lora_a_grad, lora_b_grad = kernel_vjp(out_grad)
-  weight_grad = None  # an int8 base never trains
+  weight_grad = None  # a quantized base never trains
   if jnp.issubdtype(weight.dtype, jnp.floating):  # x^T dy; dropped by XLA when W is frozen
     weight_grad = jnp.dot(x.T, out_grad, preferred_element_type=jnp.float32).astype(weight.dtype)
-  return x_grad, weight_grad, None, lora_a_grad, lora_b_grad
+  return x_grad, weight_grad, None, None, lora_a_grad, lora_b_grad
 
 
 _fused_projection.defvjp(_fused_projection_fwd, _fused_projection_bwd)
@@ -258,7 +270,8 @@ def merge_params(params: Any, lora: LoraConfig) -> Any:
 def dequantized_kernel(layer_params: dict) -> np.ndarray:
   """The float32 base kernel of one Dense's params (stacked or not), whatever its storage.
 
-  An NF4 kernel's shape is read off its adapters: [stack..., in..., out...].
+  An NF4 kernel's shape is read off its adapters: [stack..., in..., out...]; its stacked
+  axes are those where packed and absmax agree (their row axes differ: in_pad / 2 vs / 64).
   """
   if 'kernel' in layer_params:
     return np.asarray(layer_params['kernel'], np.float32)
@@ -266,7 +279,7 @@ def dequantized_kernel(layer_params: dict) -> np.ndarray:
     return np.asarray(quant.dequantize_int8(layer_params['kernel_int8'],
                                             layer_params['kernel_scale']))
   packed, absmax = layer_params['kernel_nf4'], layer_params['kernel_absmax']
-  num_lead = packed.ndim - 2
+  num_lead = next(i for i, (p, a) in enumerate(zip(packed.shape, absmax.shape)) if p != a)
   shape = (layer_params['lora_a'].shape[num_lead:-1]
            + layer_params['lora_b'].shape[num_lead + 1:])
   dequantize = lambda p, a: quant.dequantize_nf4(p, a, shape)

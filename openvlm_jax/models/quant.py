@@ -2,9 +2,16 @@
 
 int8: q = round(w / s), s = max|w| / 127 over the input axes of each output channel; the
   error is at most s / 2 per weight.
-NF4 (Dettmers et al., "QLoRA", 2023): the flattened kernel is cut into blocks of 64, each
-  block divided by its absmax and rounded to the nearest of 16 NormalFloat code values; two
-  4-bit codes are packed per byte. The error is at most absmax * NF4_MAX_HALF_GAP per weight.
+NF4 (Dettmers et al., "QLoRA", 2023): the kernel is viewed as [in, out...] (input axes
+  flattened, output axes kept) and `in` zero-padded to in_pad, a multiple of 128. A block is 64
+  consecutive input rows of one output (as bitsandbytes blocks torch's [out, in] weight); it is
+  divided by its absmax and each weight rounded to the nearest of 16 NormalFloat code values.
+  Stored: absmax float32 [in_pad / 64, out...] and packed uint8 [in_pad / 2, out...], byte row
+  r holding row r in its low nibble and row r + in_pad / 2 in its high one, so that
+  x W = x[:, :in_pad/2] W_low + x[:, in_pad/2:] W_high with contiguous slices: the layout
+  `pallas_kernels.lora_projection` reads tile by tile. Both keep the output axes, which carry
+  the kernel's logical axis names for sharding. The error is at most absmax *
+  NF4_MAX_HALF_GAP per weight; storage is 4.5 bits per (padded) weight.
 Pure jnp; leading (stacked-layer) axes are handled by `jax.vmap` where noted.
 """
 
@@ -14,14 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NF4_BLOCK = 64
-# The NormalFloat4 code values of the QLoRA paper (as in bitsandbytes).
-NF4_CODE = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], np.float32)
+# The NF4 layout is the one the fused Pallas projection reads (pallas_kernels stands alone).
+from pallas_kernels.lora_projection import NF4_BLOCK, NF4_CODE, NF4_ROW_MULTIPLE
+
 # Half the widest gap between neighbouring code values: the worst rounding error / absmax.
 NF4_MAX_HALF_GAP = float(np.max(np.diff(NF4_CODE)) / 2)
 BASE_DTYPES = ('float32', 'bf16', 'int8', 'nf4')
@@ -50,38 +52,54 @@ def dequantize_int8(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Ar
   return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
-def nf4_num_blocks(shape: tuple[int, ...]) -> int:
-  """Blocks of 64 that hold a kernel of `shape` (the last one zero-padded)."""
-  return -(-math.prod(shape) // NF4_BLOCK)
+def nf4_padded_rows(in_size: int) -> int:
+  """The input rows an NF4 kernel with `in_size` (flattened) inputs is stored with."""
+  return -(-in_size // NF4_ROW_MULTIPLE) * NF4_ROW_MULTIPLE
 
 
-def quantize_nf4(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Block-wise NF4 of one kernel (any shape).
+def quantize_nf4(kernel: jax.Array, in_axes: tuple[int, ...] = (0,)
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Block-wise NF4 of one kernel [in..., out...], in the fused kernel's layout.
+
+  Args:
+    kernel: float weights whose leading axes `in_axes` (0, 1, ...) are the contracted ones.
+    in_axes: the input axes; they must lead.
 
   Returns:
-    (packed, absmax): packed uint8 [num_blocks, 32], two codes per byte (low nibble first);
-    absmax float32 [num_blocks].
+    (packed, absmax): packed uint8 [in_pad / 2, out...], byte row r holding the code of input
+    row r (low nibble) and of row r + in_pad / 2 (high nibble); absmax float32
+    [in_pad / 64, out...], one per 64 consecutive input rows of each output.
   """
-  flat = kernel.astype(jnp.float32).reshape(-1)
-  num_blocks = nf4_num_blocks(kernel.shape)
-  flat = jnp.pad(flat, (0, num_blocks * NF4_BLOCK - flat.size))
-  blocks = flat.reshape(num_blocks, NF4_BLOCK)
-  absmax = jnp.max(jnp.abs(blocks), axis=1)  # [num_blocks]
+  num_in = len(in_axes)
+  if tuple(in_axes) != tuple(range(num_in)):
+    raise ValueError(f'NF4 needs the input axes first; got in_axes={in_axes}')
+  out_shape = kernel.shape[num_in:]
+  in_size = math.prod(kernel.shape[:num_in])
+  padded = nf4_padded_rows(in_size)
+  rows = kernel.astype(jnp.float32).reshape(in_size, *out_shape)
+  rows = jnp.pad(rows, [(0, padded - in_size)] + [(0, 0)] * len(out_shape))  # [in_pad, out...]
+  blocks = rows.reshape(padded // NF4_BLOCK, NF4_BLOCK, *out_shape)
+  absmax = jnp.max(jnp.abs(blocks), axis=1)  # [in_pad / 64, out...]
   normalized = blocks / jnp.where(absmax > 0, absmax, 1.0)[:, None]
   midpoints = jnp.asarray((NF4_CODE[1:] + NF4_CODE[:-1]) / 2)
-  codes = jnp.searchsorted(midpoints, normalized).astype(jnp.uint8)  # [num_blocks, 64] in 0..15
-  packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+  codes = jnp.searchsorted(midpoints, normalized).astype(jnp.uint8)  # 0..15
+  codes = codes.reshape(padded, *out_shape)
+  half = padded // 2
+  packed = codes[:half] | (codes[half:] << 4)
   return packed.astype(jnp.uint8), absmax
 
 
 def dequantize_nf4(packed: jax.Array, absmax: jax.Array, shape: tuple[int, ...],
                    dtype=jnp.float32) -> jax.Array:
-  """Inverse of `quantize_nf4`: packed [num_blocks, 32], absmax [num_blocks] -> `shape`."""
-  low = packed & 0x0F
-  high = packed >> 4
-  codes = jnp.stack([low, high], axis=-1).reshape(packed.shape[0], NF4_BLOCK)
-  values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)] * absmax[:, None]
-  return values.reshape(-1)[:math.prod(shape)].reshape(shape).astype(dtype)
+  """Inverse of `quantize_nf4`: packed [in_pad / 2, out...], absmax [in_pad / 64, out...] ->
+  the kernel of `shape` [in..., out...]."""
+  out_shape = packed.shape[1:]
+  in_shape = tuple(shape[:len(shape) - len(out_shape)])
+  codes = jnp.concatenate([packed & 0x0F, packed >> 4], axis=0)  # [in_pad, out...]
+  values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
+  blocks = values.reshape(absmax.shape[0], NF4_BLOCK, *out_shape) * absmax[:, None]
+  rows = blocks.reshape(-1, *out_shape)[:math.prod(in_shape)]
+  return rows.reshape(shape).astype(dtype)
 
 
 def quantize_stacked(kernel: jax.Array, base_dtype: str, num_leading: int,
@@ -94,7 +112,7 @@ def quantize_stacked(kernel: jax.Array, base_dtype: str, num_leading: int,
   if base_dtype == 'int8':
     fn = lambda w: dict(zip(('kernel_int8', 'kernel_scale'), quantize_int8(w, in_axes)))
   elif base_dtype == 'nf4':
-    fn = lambda w: dict(zip(('kernel_nf4', 'kernel_absmax'), quantize_nf4(w)))
+    fn = lambda w: dict(zip(('kernel_nf4', 'kernel_absmax'), quantize_nf4(w, in_axes)))
   else:
     raise ValueError(f'not a quantized base dtype: {base_dtype!r}')
   for _ in range(num_leading):

@@ -106,5 +106,12 @@ def test_adapters_carry_logical_axes_of_their_kernel():
   assert tuple(o_proj['lora_b']) == ('layers', 'lora_rank', 'embed')
   assert tuple(specs['llm']['layers']['mlp']['up_proj']['lora_b']) == (
       'layers', 'lora_rank', 'mlp')
+  # NF4: the packed row axis mixes input rows; the output axes shard like the kernel's.
+  boxed = jax.eval_shape(functools.partial(vlm.init_params, lora_config('nf4')),
+                         jax.random.key(0))
+  nf4 = nn.get_partition_spec(boxed)['params']['llm']['layers']
+  for name in ('kernel_nf4', 'kernel_absmax'):
+    assert tuple(nf4['attention']['o_proj'][name]) == ('layers', None, 'embed')
+    assert tuple(nf4['mlp']['up_proj'][name]) == ('layers', None, 'mlp')
   assert lora.is_target(lora_config().lora, 'llm/layers_3/attention/k_proj')
   assert not lora.is_target(lora_config().lora, 'llm/lm_head')

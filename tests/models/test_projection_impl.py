@@ -123,6 +123,16 @@ def test_pallas_projection_matches_xla_int8_base_with_pallas_attention():
   _assert_same(reference, _loss_logits_grads(both, params, batch), real)
 
 
+def test_pallas_projection_matches_xla_nf4_base():
+  """NF4 base (QLoRA): the kernel dequantizes the 4-bit codes tile by tile."""
+  xla_config = _vlm_config('nf4', 'xla')
+  batch = _batch(xla_config)
+  params = _init(xla_config, batch)
+  _assert_same(_loss_logits_grads(xla_config, params, batch),
+               _loss_logits_grads(_vlm_config('nf4', 'pallas'), params, batch),
+               batch['attention_mask'].astype(bool))
+
+
 def test_projection_impl_reaches_lora_config():
   """VLMConfig.projection_impl is what the LoRA Dense layers read, also after a replace."""
   config = _vlm_config('float32', 'pallas')
@@ -146,12 +156,12 @@ def _traced_kernel_calls(config: VLMConfig, rngs: dict | None = None) -> int:
 
 
 def test_routing_rule():
-  """Pallas for float/int8 targets; XLA for 'xla', for NF4 and while dropout is active."""
+  """Pallas for float, int8 and NF4 targets; XLA for 'xla' and while dropout is active."""
   # 7 projections traced once inside the scanned layer, plus the LM head.
   assert _traced_kernel_calls(_vlm_config('float32', 'pallas')) == 8
   assert _traced_kernel_calls(_vlm_config('int8', 'pallas')) == 8
   assert _traced_kernel_calls(_vlm_config('float32', 'xla')) == 0
-  assert _traced_kernel_calls(_vlm_config('nf4', 'pallas')) == 0
+  assert _traced_kernel_calls(_vlm_config('nf4', 'pallas')) == 8
   with_dropout = _vlm_config('float32', 'pallas')
   with_dropout = dataclasses.replace(
       with_dropout, lora=dataclasses.replace(with_dropout.lora, dropout=0.1))
