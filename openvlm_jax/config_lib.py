@@ -68,6 +68,9 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
   model.remat = 'none'  # 'none' | 'full' | 'dots'
   model.scan_layers = True
   model.attention_impl = 'xla'
+  # Prefix LM: the prompt (everything before the first answer token) attends bidirectionally.
+  # transformers' LLaVA is causal, so an exported model will not reproduce these outputs there.
+  model.prefix_attention = False
   model.projection_impl = 'xla'  # LoRA Dense layers: 'xla' | 'pallas' (fused kernel)
   return model
 
@@ -178,6 +181,7 @@ def build_vlm_config(model: ml_collections.ConfigDict, *, vocab_size: int,
       remat=model.remat,
       scan_layers=model.scan_layers,
       attention_impl=model.attention_impl,
+      prefix_attention=bool(model.prefix_attention),
       lora=lora_config(lora),
       projection_impl=model.projection_impl,
   )

@@ -4,6 +4,8 @@ The images of a batch go through the vision tower once; the prompt (left-padded,
 row's last prompt token sits in the same cache slot) fills the KV cache in one pass; then one
 token per step is decoded inside a `lax.while_loop` that stops when every row has produced a
 stop token or `max_new_tokens` are out. Greedy, temperature, top-k and top-p sampling.
+With `config.prefix_attention` (a prefix LM) the prompt is the prefix: the prefill attends
+bidirectionally within it, and each generated token causally to everything before it.
 
   generate = make_generate_fn(model, SamplingConfig(max_new_tokens=8, stop_token_ids=(2,)))
   out = generate(params, input_ids, attention_mask, images)  # out['tokens'] [batch, 8]
@@ -97,9 +99,15 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig) -> Callable:
     cache_mask = jnp.zeros((batch, prompt_len + max_new), jnp.int32)
     cache_mask = cache_mask.at[:, :prompt_len].set(attention_mask.astype(jnp.int32))
     positions = positions_from_mask(attention_mask)  # [batch, prompt_len]
+    prefix_len = None
+    if model.config.prefix_attention:
+      # Prompts are left-padded, so every row's prompt ends at slot prompt_len; the padding
+      # slots before a shorter prompt are masked out as keys by `cache_mask`.
+      prefix_len = jnp.full((batch,), prompt_len, jnp.int32)
     logits, cache = model.apply(
         variables, input_ids, positions=positions, cache_mask=cache_mask, cache=cache,
-        write_index=jnp.int32(0), image_features=image_features, method=VLM.decode)
+        write_index=jnp.int32(0), image_features=image_features, prefix_len=prefix_len,
+        method=VLM.decode)
     rng, step_rng = jax.random.split(rng)
     first_token = sample_tokens(logits[:, -1], step_rng, sampling)
 
@@ -117,7 +125,7 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig) -> Callable:
           cache_mask, jnp.ones((batch, 1), jnp.int32), (0, slot))
       logits, cache = model.apply(
           variables, token[:, None], positions=position[:, None], cache_mask=cache_mask,
-          cache=cache, write_index=slot, method=VLM.decode)
+          cache=cache, write_index=slot, prefix_len=prefix_len, method=VLM.decode)
       rng, step_rng = jax.random.split(rng)
       next_token = sample_tokens(logits[:, 0], step_rng, sampling)
       return (step + 1, next_token, position + 1, cache, cache_mask, done, tokens, num_tokens,

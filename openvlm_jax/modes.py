@@ -91,6 +91,9 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run = setup.make_run(config, workdir)
   params, step = restore_params(run, export.step)
   params = jax.device_get(params)
+  if config.model.prefix_attention:
+    logging.warning('config.model.prefix_attention is on, but LLaVA in transformers attends '
+                    'causally, so the exported model will not reproduce the outputs of this one.')
   if export.format == 'merged':
     hf_io.export_folder(export.dir, run.vlm_config, params, run.tokenizer, dtype=export.dtype)
   else:

@@ -124,6 +124,26 @@ def under_mesh(function: Callable, mesh: Mesh, rules: Sequence[tuple]) -> Callab
   return wrapped
 
 
+def kernel_mesh_axes(logical_name: str, *sizes: int) -> str | tuple[str, ...] | None:
+  """Mesh axes the current rules give `logical_name`, if their device count divides `sizes`.
+
+  For calling a kernel per device under `jax.shard_map` (a Pallas call is opaque to XLA's
+  partitioner, which would otherwise gather its operands whole onto every device). Returns None
+  outside a mesh, for a name no rule maps, or when the split would be uneven; the caller then
+  keeps that dimension whole.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  axes = nn.logical_to_mesh_axes((logical_name,))[0]
+  if axes is None:
+    return None
+  count = math.prod(mesh.shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes))
+  if count == 1 or any(size % count for size in sizes):
+    return None
+  return axes
+
+
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple]) -> Any:
   """NamedShardings for a tree whose leaves are `nn.Partitioned` boxes (or plain arrays)."""
   logical_specs = nn.get_partition_spec(boxed_tree)

@@ -38,6 +38,16 @@ def test_build_vlm_config_takes_vocab_from_tokenizer():
   assert vlm_config.vision.num_image_tokens == 4  # (16 / 8) ** 2 patches, class token dropped
 
 
+def test_prefix_attention_is_off_by_default_and_reaches_the_model_config():
+  config = sft.get_config('model=tiny')
+  assert config.model.prefix_attention is False
+  off = config_lib.build_vlm_config(config.model, vocab_size=123, image_token_id=5)
+  assert off.prefix_attention is False
+  config.model.prefix_attention = True
+  on = config_lib.build_vlm_config(config.model, vocab_size=123, image_token_id=5)
+  assert on.prefix_attention is True
+
+
 def test_command_line_rejects_a_mistyped_key(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'openvlm_jax.main', '--config=configs/sft.py',

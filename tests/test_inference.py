@@ -1,5 +1,7 @@
 """KV-cache decoding against recomputing the full sequence, and against transformers' generate."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +73,33 @@ def test_cached_greedy_matches_recomputing_the_whole_sequence(tiny_llava, prompt
   for row in np.flatnonzero(stopped):
     assert tokens[row, num_tokens[row] - 1] == STOP
     assert (tokens[row, num_tokens[row]:] == PAD).all()
+
+
+def test_cached_greedy_with_prefix_attention_matches_recomputing_with_the_prefix_mask(
+    tiny_llava, prompts):
+  _, causal_model, params = tiny_llava
+  model = VLM(dataclasses.replace(causal_model.config, prefix_attention=True))
+  input_ids, attention_mask, images = prompts
+  batch, prompt_len = input_ids.shape
+  sampling = inference.SamplingConfig(max_new_tokens=MAX_NEW, pad_token_id=PAD)
+  out = inference.make_generate_fn(model, sampling)(params, *prompts)
+  # The whole sequence at once: the left-padded prompt (slots < prompt_len) is the prefix.
+  prefix_len = np.full((batch,), prompt_len, np.int32)
+  ids = np.concatenate([input_ids, np.full((batch, MAX_NEW), PAD, np.int32)], axis=1)
+  mask = np.concatenate([attention_mask, np.zeros((batch, MAX_NEW), np.int32)], axis=1)
+  full = jax.jit(lambda p, i, m, x, n: model.apply({'params': p}, i, x, attention_mask=m,
+                                                   prefix_len=n))
+  expected = np.zeros((batch, MAX_NEW), np.int32)
+  for step in range(MAX_NEW):
+    last = prompt_len + step - 1
+    logits = full(params, ids, mask, images, prefix_len)
+    if step == 0:  # the prefix mask matters: causal attention gives other logits here
+      causal = full(params, ids, mask, images, None)
+      assert float(jnp.max(jnp.abs(logits[:, last] - causal[:, last]))) > 1e-3
+    expected[:, step] = np.asarray(jnp.argmax(logits[:, last], axis=-1))
+    ids[:, last + 1], mask[:, last + 1] = expected[:, step], 1
+  np.testing.assert_array_equal(np.asarray(out['tokens']), expected)
+  assert len(set(expected.ravel().tolist())) > 2  # not a degenerate constant output
 
 
 def test_cached_greedy_matches_transformers_generate(tiny_llava, prompts, greedy_tokens):

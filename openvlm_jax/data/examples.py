@@ -6,6 +6,9 @@ An example holds, for sequence length `seq_len` and up to `max_images` images:
   loss_mask       float32 [seq_len]   1 where targets[t] is an assistant token
   attention_mask  int32   [seq_len]   1 for real tokens
   positions       int32   [seq_len]   0..num_tokens-1, 0 on padding
+  prefix_len      int32   []          index of the first answer token: the image tokens, system
+                                      text, first user turn and assistant header before it
+                                      form the prefix of a prefix LM (`model.prefix_attention`)
   images          float32 [max_images, H, W, 3]  zeros in unused slots
   num_images      int32   []
 A record comes from `jsonl.parse_record` (images as `image_paths`) or from an in-memory source
@@ -96,6 +99,17 @@ def _load_images(record: dict[str, Any], spec: ExampleSpec) -> np.ndarray:
   return pixels
 
 
+def prefix_length(loss_mask: np.ndarray) -> int:
+  """The number of tokens before the first answer token (all of them if there is none).
+
+  Args:
+    loss_mask: [num_tokens], nonzero at assistant tokens (unshifted, as `encode_tokens`
+      returns it).
+  """
+  answer_indices = np.flatnonzero(loss_mask)
+  return int(answer_indices[0]) if answer_indices.size else len(loss_mask)
+
+
 def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
   """Encodes one record into a fixed-size example (see the module docstring for fields).
 
@@ -125,6 +139,7 @@ def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndar
       'loss_mask': loss_mask,
       'attention_mask': attention_mask,
       'positions': positions,
+      'prefix_len': np.asarray(prefix_length(tokens['loss_mask']), dtype=np.int32),
       'images': pixels,
       'num_images': np.asarray(_num_images(record), dtype=np.int32),
   }
@@ -139,6 +154,7 @@ def empty_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
       'loss_mask': np.zeros((seq_len,), dtype=np.float32),
       'attention_mask': np.zeros((seq_len,), dtype=np.int32),
       'positions': np.zeros((seq_len,), dtype=np.int32),
+      'prefix_len': np.asarray(0, dtype=np.int32),
       'images': np.zeros((spec.max_images, size, size, 3), dtype=np.float32),
       'num_images': np.asarray(0, dtype=np.int32),
   }

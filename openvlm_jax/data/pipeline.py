@@ -235,7 +235,8 @@ def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator
     A `grain.DatasetIterator` yielding dicts of numpy arrays:
       input_ids int32, targets int32, loss_mask float32, attention_mask int32,
       positions int32 [batch, seq_len]; images float32 [batch, max_images, H, W, 3];
-      num_images int32 [batch].
+      num_images int32 [batch]; prefix_len int32 [batch], the index of each row's first
+      answer token (the prefix of `model.prefix_attention`).
     It has `get_state()` / `set_state()` and works with `grain.checkpoint.CheckpointSave`.
     Call `close()` when done if worker_count > 0.
   """
@@ -261,8 +262,9 @@ def make_eval_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields every (good) record of this shard once, in file order, in batches.
 
-  The last batch is padded with empty examples; `example_mask` float32 [batch] is 1 for real
-  rows and 0 for padding. Other fields are as in `make_iterator`. Row order is file order of
+  The last batch is padded with empty examples (`prefix_len` 0); `example_mask` float32
+  [batch] is 1 for real rows and 0 for padding. Other fields, `prefix_len` included, are as
+  in `make_iterator`. Row order is file order of
   the records that passed validation (see `load_records`).
   """
   spec = examples_lib.ExampleSpec(

@@ -6,58 +6,128 @@ One entry point, `dot_product_attention`, with a choice of implementation:
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs).
 - 'pallas': `pallas_kernels.flash_attention`, which builds the mask blockwise from per-token
   information instead of reading a dense one: the decoder passes a `CausalPaddingMask`, the
-  vision tower none. A dense mask (cached decoding) falls back to 'xla'.
+  vision tower none. A dense mask (cached decoding) falls back to 'xla'. Under a mesh the
+  kernels run once per device (shard_map over examples and kv-head groups), since XLA cannot
+  partition a Pallas call.
+
+The decoder's mask is causal with key padding, optionally with a bidirectional prefix per
+example (a prefix LM, as in PaliGemma): positions < prefix_len[b] also see each other.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from openvlm_jax import parallel
 from pallas_kernels import flash_attention as pallas_flash
 
 _MASKED_LOGIT = float(jnp.finfo(jnp.float32).min)
 
 
-def make_causal_mask(attention_mask: jax.Array) -> jax.Array:
+def prefix_causal_mask(
+    query_positions: jax.Array, key_positions: jax.Array, prefix_len: jax.Array | None
+) -> jax.Array:
+  """Causal attention with an optional bidirectional prefix, before padding is applied.
+
+  Args:
+    query_positions: [q_len] int, the sequence index of each query.
+    key_positions: [kv_len] int, the sequence index of each key.
+    prefix_len: [batch] int or None; queries and keys at indices < prefix_len[b] also see
+      each other in both directions.
+
+  Returns:
+    [batch or 1, 1, q_len, kv_len] boolean: query i may attend to key j when j <= i, or when
+    both lie in the prefix.
+  """
+  query_positions = query_positions[:, None]  # [q_len, 1]
+  key_positions = key_positions[None, :]  # [1, kv_len]
+  allowed = (key_positions <= query_positions)[None]  # [1, q_len, kv_len]
+  if prefix_len is not None:
+    bound = prefix_len.astype(jnp.int32)[:, None, None]  # [batch, 1, 1]
+    allowed = allowed | ((query_positions[None] < bound) & (key_positions[None] < bound))
+  return allowed[:, None]
+
+
+def make_causal_mask(attention_mask: jax.Array, prefix_len: jax.Array | None = None) -> jax.Array:
   """Builds the boolean causal-and-padding mask of a decoder.
 
   Args:
     attention_mask: [batch, seq], 1 (or True) at real tokens, 0 at padding.
+    prefix_len: optional [batch] int; positions < prefix_len[b] attend to each other
+      bidirectionally (a prefix LM), the rest causally.
 
   Returns:
-    [batch, 1, seq, seq] boolean: query i may attend to key j when j <= i and key j is real.
+    [batch, 1, seq, seq] boolean: query i may attend to key j when key j is real and j <= i
+    (or both are in the prefix).
   """
-  seq_len = attention_mask.shape[-1]
-  causal = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))  # [q, kv]
+  positions = jnp.arange(attention_mask.shape[-1])  # [seq]
+  allowed = prefix_causal_mask(positions, positions, prefix_len)  # [batch or 1, 1, q, kv]
   key_is_real = attention_mask.astype(jnp.bool_)[:, None, None, :]  # [batch, 1, 1, kv]
-  return causal[None, None] & key_is_real
+  return allowed & key_is_real
 
 
 class CausalPaddingMask(NamedTuple):
-  """A causal mask with key padding, kept as the [batch, seq] mask it is built from."""
+  """A causal mask with key padding, kept as the [batch, seq] mask it is built from.
+
+  With `prefix_len` [batch], positions < prefix_len[b] also see each other bidirectionally.
+  """
 
   attention_mask: jax.Array  # [batch, seq], 1 at real tokens, 0 at padding
+  prefix_len: jax.Array | None = None  # [batch] int
 
 
-def decoder_mask(attention_mask: jax.Array, impl: str) -> jax.Array | CausalPaddingMask:
-  """The decoder's mask in the form `impl` wants: dense [batch, 1, seq, seq] or compact."""
+def decoder_mask(
+    attention_mask: jax.Array, impl: str, prefix_len: jax.Array | None = None
+) -> jax.Array | CausalPaddingMask:
+  """The decoder's mask in the form `impl` wants: dense [batch, 1, seq, seq] or compact.
+
+  `prefix_len` ([batch] int, optional) makes positions < prefix_len[b] bidirectional.
+  """
   if impl == 'pallas':
-    return CausalPaddingMask(attention_mask)
-  return make_causal_mask(attention_mask)
+    return CausalPaddingMask(attention_mask, prefix_len)
+  return make_causal_mask(attention_mask, prefix_len)
 
 
 def _pallas_attention(query, key, value, mask, scale):
   """Flash attention kernels; see `dot_product_attention`."""
   if mask is None:
-    return pallas_flash.flash_attention(query, key, value, scale=scale)
+    return _per_device(lambda q, k, v: pallas_flash.flash_attention(q, k, v, scale=scale),
+                       query, key, value, ())
   if not isinstance(mask, CausalPaddingMask):  # a dense mask (cached decoding): no kernel
     return _xla_attention(query, key, value, mask, scale)
   key_segments = mask.attention_mask.astype(jnp.int32)  # [batch, kv_len]: 0 marks padding
-  query_segments = jnp.ones(query.shape[:2], jnp.int32)  # every query sees the real keys
-  return pallas_flash.flash_attention(
-      query, key, value, causal=True, segment_ids=query_segments, kv_segment_ids=key_segments,
-      scale=scale)
+  per_example = (key_segments,)
+  if mask.prefix_len is not None:
+    per_example += (mask.prefix_len.astype(jnp.int32),)  # [batch]
+
+  def kernel(query, key, value, key_segments, prefix_len=None):
+    query_segments = jnp.ones(query.shape[:2], jnp.int32)  # every query sees the real keys
+    return pallas_flash.flash_attention(
+        query, key, value, causal=True, segment_ids=query_segments,
+        kv_segment_ids=key_segments, prefix_len=prefix_len, scale=scale)
+
+  return _per_device(kernel, query, key, value, per_example)
+
+
+def _per_device(kernel, query, key, value, per_example):
+  """kernel(query, key, value, *per_example), once per device under a mesh (shard_map).
+
+  Examples split over the mesh axes of 'batch', heads over those of 'kv_heads' (query heads
+  go with their kv head, so each device holds whole GQA groups); a split that would be uneven
+  is not made. Sequence and head_dim stay whole: the kernel needs every key of its queries.
+  Outside a mesh the kernel is called directly.
+  """
+  batch_axes = parallel.kernel_mesh_axes('batch', query.shape[0])
+  head_axes = parallel.kernel_mesh_axes('kv_heads', key.shape[2])
+  if batch_axes is None and head_axes is None:
+    return kernel(query, key, value, *per_example)
+  heads_spec = PartitionSpec(batch_axes, None, head_axes, None)  # [batch, seq, heads, dim]
+  example_specs = tuple(PartitionSpec(batch_axes, *(None,) * (array.ndim - 1))
+                        for array in per_example)
+  return jax.shard_map(kernel, in_specs=(heads_spec,) * 3 + example_specs,
+                       out_specs=heads_spec, check_vma=False)(query, key, value, *per_example)
 
 
 def _xla_attention(query, key, value, mask, scale):
@@ -98,7 +168,8 @@ def dot_product_attention(
     key: [batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
     value: [batch, kv_len, kv_heads, head_dim].
     mask: optional boolean [batch, 1 or heads, q_len, kv_len]; True where attention is
-      allowed (causal and padding combined); or a `CausalPaddingMask`. None attends
+      allowed (causal and padding combined); or a `CausalPaddingMask` (optionally with a
+      bidirectional prefix). None attends
       everywhere (a ViT).
     scale: logit scale; defaults to head_dim ** -0.5.
     impl: 'xla' | 'cudnn' | 'pallas'.
@@ -114,7 +185,7 @@ def dot_product_attention(
   if impl == 'pallas':
     return _pallas_attention(query, key, value, mask, scale)
   if isinstance(mask, CausalPaddingMask):
-    mask = make_causal_mask(mask.attention_mask)
+    mask = make_causal_mask(mask.attention_mask, mask.prefix_len)
   if impl == 'xla':
     return _xla_attention(query, key, value, mask, scale)
   if impl == 'cudnn':

@@ -97,6 +97,10 @@ class VLMConfig:
   remat: str = 'none'  # 'none' | 'full' | 'dots' (save matmul outputs)
   scan_layers: bool = True
   attention_impl: str = 'xla'  # 'xla' | 'pallas' | 'cudnn'
+  # Prefix LM (as PaliGemma): the tokens before the first answer token (image, system text,
+  # first user turn, assistant header) attend to each other bidirectionally. Off: causal, as
+  # LLaVA in transformers.
+  prefix_attention: bool = False
   lora: Optional[LoraConfig] = None
   projection_impl: str = 'xla'  # LoRA Dense layers: 'xla' | 'pallas' (fused kernel)
 

@@ -215,6 +215,7 @@ class LLM(nn.Module):
       inputs_embeds: jax.Array | None = None,
       positions: jax.Array | None = None,
       attention_mask: jax.Array,
+      prefix_len: jax.Array | None = None,
       deterministic: bool = True,
   ) -> jax.Array:
     """Logits of the next token at every position.
@@ -225,6 +226,8 @@ class LLM(nn.Module):
       positions: [batch, seq] rotary positions; default `positions_from_mask(attention_mask)`.
       attention_mask: [batch, seq] 1 at real tokens, 0 at padding; or a full boolean mask
         [batch, 1 or heads, seq, seq].
+      prefix_len: optional [batch] int (prefix LM): positions < prefix_len[b] attend to each
+        other bidirectionally, the rest causally. Only with a [batch, seq] attention_mask.
       deterministic: unused (no dropout), kept for a uniform model signature.
 
     Returns:
@@ -240,7 +243,9 @@ class LLM(nn.Module):
       positions = positions_from_mask(attention_mask)
     cos, sin = rope_cos_sin(positions, self.inv_freq)
     if attention_mask.ndim == 2:
-      mask = attention.decoder_mask(attention_mask, self.attention_impl)
+      mask = attention.decoder_mask(attention_mask, self.attention_impl, prefix_len)
+    elif prefix_len is not None:
+      raise ValueError('prefix_len needs a [batch, seq] attention_mask, not a full mask')
     else:
       mask = attention_mask.astype(jnp.bool_)
     hidden = layers.apply_layer_stack(self.layers, hidden, (cos, sin, mask), _LAYER_IN_AXES)
@@ -263,6 +268,7 @@ class LLM(nn.Module):
       cache_mask: jax.Array,
       cache: dict,
       write_index: jax.Array,
+      prefix_len: jax.Array | None = None,
   ) -> tuple[jax.Array, dict]:
     """Runs a chunk of tokens against a KV cache (prefill, then one token at a time).
 
@@ -274,6 +280,8 @@ class LLM(nn.Module):
       cache: `{'key', 'value'}` each [layers, batch, cache_len, kv_heads, head_dim] (see
         `init_cache`); layer l reads slice l.
       write_index: int32 scalar, the cache slot of the chunk's first token.
+      prefix_len: optional [batch] int (prefix LM): cache slots < prefix_len[b] attend to
+        each other bidirectionally, later slots causally; as in `__call__` over the cache.
 
     Returns:
       (float32 logits [batch, chunk, vocab], the updated cache).
@@ -283,8 +291,9 @@ class LLM(nn.Module):
     cos, sin = rope_cos_sin(positions, self.inv_freq)
     chunk, cache_len = hidden.shape[1], cache['key'].shape[2]
     query_slots = write_index + jnp.arange(chunk)  # [chunk]
-    causal = jnp.arange(cache_len)[None, :] <= query_slots[:, None]  # [chunk, cache_len]
-    mask = causal[None, None] & cache_mask.astype(jnp.bool_)[:, None, None, :]
+    allowed = attention.prefix_causal_mask(
+        query_slots, jnp.arange(cache_len), prefix_len)  # [batch or 1, 1, chunk, cache_len]
+    mask = allowed & cache_mask.astype(jnp.bool_)[:, None, None, :]  # [b, 1, chunk, cache_len]
     layer = DecoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
                          attention_impl=self.attention_impl, parent=None)
     params = self.variables['params']

@@ -32,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen import dtypes as flax_dtypes
+from jax.sharding import PartitionSpec as P
 
+from openvlm_jax import parallel
 from openvlm_jax.models import matmul, quant
 from openvlm_jax.models.config import LoraConfig
 from pallas_kernels import lora_projection as pallas_lora
@@ -197,11 +199,43 @@ class LoraDense(nn.Module):
       weight_scale = base['kernel_scale'].reshape(out_size).astype(jnp.float32)  # [out]
     else:
       weight = base['kernel'].reshape(in_size, out_size).astype(x.dtype)  # [in, out]
-    out = _fused_projection(self.lora.alpha / rank, x, weight, weight_scale, weight_absmax,
-                            lora_a.reshape(in_size, rank), lora_b.reshape(rank, out_size))
+    out = _per_device_projection(
+        self.lora.alpha / rank, x, weight, weight_scale, weight_absmax,
+        lora_a.reshape(in_size, rank), lora_b.reshape(rank, out_size),
+        out_name=self.kernel_names[num_in], out_lead_size=self.features[0])
     if bias is not None:
       out = out + bias.reshape(1, out_size)
     return out.reshape(*lead_shape, *self.features)  # [..., out...]
+
+
+def _per_device_projection(scale: float, x: jax.Array, weight: jax.Array,
+                           weight_scale: jax.Array | None, weight_absmax: jax.Array | None,
+                           lora_a: jax.Array, lora_b: jax.Array, *, out_name: str | None,
+                           out_lead_size: int) -> jax.Array:
+  """`_fused_projection` once per device under a mesh (shard_map), else directly.
+
+  Tokens split over the mesh axes of 'batch'; output columns over those of the layer's first
+  output axis name (`out_name`, whose size is `out_lead_size`) when they differ from the token
+  axes; input dimensions stay whole, so XLA gathers a sharded input axis of W first, as FSDP
+  does. Every operand with an output dimension (W, its scale or absmax, lora_b) is split with
+  it, so each device computes its own [tokens, out] block and nothing is summed.
+  """
+  out_size = lora_b.shape[1]
+  token_axes = parallel.kernel_mesh_axes('batch', x.shape[0])
+  out_axes = parallel.kernel_mesh_axes(out_name, out_size, out_lead_size) if out_name else None
+  as_tuple = lambda axes: () if axes is None else (axes,) if isinstance(axes, str) else axes
+  if set(as_tuple(out_axes)) & set(as_tuple(token_axes)):
+    out_axes = None  # one mesh axis cannot split two dimensions of the output
+  if token_axes is None and out_axes is None:
+    return _fused_projection(scale, x, weight, weight_scale, weight_absmax, lora_a, lora_b)
+  columns = P(None, out_axes)  # [rows, out] operands
+  optional_spec = lambda operand, spec: None if operand is None else spec
+  return jax.shard_map(
+      functools.partial(_fused_projection, scale),
+      in_specs=(P(token_axes, None), columns, optional_spec(weight_scale, P(out_axes)),
+                optional_spec(weight_absmax, columns), P(None, None), columns),
+      out_specs=P(token_axes, out_axes), check_vma=False,
+  )(x, weight, weight_scale, weight_absmax, lora_a, lora_b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

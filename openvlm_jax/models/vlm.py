@@ -75,6 +75,7 @@ class VLM(nn.Module):
       *,
       positions: jax.Array | None = None,
       attention_mask: jax.Array,
+      prefix_len: jax.Array | None = None,
       image_features: jax.Array | None = None,
       deterministic: bool = True,
   ) -> jax.Array:
@@ -86,6 +87,9 @@ class VLM(nn.Module):
       images: [batch, max_images, H, W, 3] float32, normalised; padding images are ignored.
       positions: [batch, seq] rotary positions (default: cumsum of the mask - 1).
       attention_mask: [batch, seq], 1 at real tokens, 0 at padding.
+      prefix_len: optional [batch] int (prefix LM, `config.prefix_attention`): positions
+        < prefix_len[b] attend to each other bidirectionally, the rest causally. Used
+        whenever given; None is plain causal attention.
       image_features: [batch, max_images, tokens, embed] from `encode_images`, used instead
         of `images` when given (e.g. to encode once before decoding).
       deterministic: unused (no dropout).
@@ -105,6 +109,7 @@ class VLM(nn.Module):
           inputs_embeds=text_embeds,
           positions=positions,
           attention_mask=attention_mask,
+          prefix_len=prefix_len,
           deterministic=deterministic,
       )
 
@@ -117,11 +122,13 @@ class VLM(nn.Module):
       cache: dict,
       write_index: jax.Array,
       image_features: jax.Array | None = None,
+      prefix_len: jax.Array | None = None,
   ) -> tuple[jax.Array, dict]:
     """A chunk of tokens through the LLM's KV cache (see `LLM.decode`).
 
     input_ids [batch, chunk]; image_features [batch, max_images, tokens, embed] from
-    `encode_images`, merged at the chunk's image tokens (give them with the prompt).
+    `encode_images`, merged at the chunk's image tokens (give them with the prompt);
+    prefix_len [batch], cache slots of the bidirectional prefix (prefix LM) or None.
     Returns (float32 logits [batch, chunk, vocab], the updated cache).
     """
     with lora.active_config(self.config.lora):
@@ -130,7 +137,7 @@ class VLM(nn.Module):
         text_embeds = merge_image_features(
             input_ids, text_embeds, image_features, self.config.image_token_id)
       return self.llm.decode(text_embeds, positions=positions, cache_mask=cache_mask,
-                             cache=cache, write_index=write_index)
+                             cache=cache, write_index=write_index, prefix_len=prefix_len)
 
 
 def dummy_inputs(config: VLMConfig, batch_size: int = 1, seq_len: int = 8) -> dict:

@@ -71,7 +71,7 @@ def runtime_overrides(model: ml_collections.ConfigDict) -> dict:
   """The VLMConfig fields that always come from `config.model`, never from a checkpoint."""
   return dict(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
               scan_layers=model.scan_layers, attention_impl=model.attention_impl,
-              projection_impl=model.projection_impl)
+              projection_impl=model.projection_impl, prefix_attention=model.prefix_attention)
 
 
 def model_config(config: ml_collections.ConfigDict,

@@ -10,17 +10,27 @@ import optax
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training.state import TrainState
 
+# The batch fields every model call reads (and `model.init` needs); a prefix LM
+# (`config.prefix_attention`) reads `prefix_len` [batch] as well.
 MODEL_INPUTS = ('input_ids', 'images', 'positions', 'attention_mask')
+
+
+def uses_prefix_attention(model: nn.Module) -> bool:
+  """Whether `model` attends bidirectionally within each example's prefix."""
+  return bool(getattr(getattr(model, 'config', None), 'prefix_attention', False))
 
 
 def model_logits(model: nn.Module, params, batch: dict, rngs: dict | None = None) -> jax.Array:
   """Runs the VLM on a batch dict. Returns logits [batch, seq, vocab].
 
-  `rngs` ({'dropout': key}) turns on dropout (the LoRA adapters' input dropout).
+  With `config.prefix_attention` the model also gets `batch['prefix_len']` [batch]; without
+  it the batch's `prefix_len`, if any, is not read. `rngs` ({'dropout': key}) turns on
+  dropout (the LoRA adapters' input dropout).
   """
+  prefix_len = batch['prefix_len'] if uses_prefix_attention(model) else None
   return model.apply({'params': params}, batch['input_ids'], batch['images'],
                      positions=batch['positions'], attention_mask=batch['attention_mask'],
-                     rngs=rngs)
+                     prefix_len=prefix_len, rngs=rngs)
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:

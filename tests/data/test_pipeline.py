@@ -52,6 +52,7 @@ def test_batch_format(good_dataset, tokenizer):
       'loss_mask': ((4, 24), 'float32'),
       'attention_mask': ((4, 24), 'int32'),
       'positions': ((4, 24), 'int32'),
+      'prefix_len': ((4,), 'int32'),
       'images': ((4, 1, 8, 8, 3), 'float32'),
       'num_images': ((4,), 'int32'),
   }
@@ -65,6 +66,9 @@ def test_batch_format(good_dataset, tokenizer):
     np.testing.assert_array_equal(batch['positions'][row, :num_tokens], np.arange(num_tokens))
     answer = tokenizer.decode(batch['targets'][row][batch['loss_mask'][row] == 1])
     assert answer == f'{record_id % 10}</s>'
+    # The prefix ends where the answer starts.
+    prefix_len, num_answer = int(batch['prefix_len'][row]), int(batch['loss_mask'][row].sum())
+    assert tokenizer.decode(batch['input_ids'][row, prefix_len:prefix_len + num_answer]) == answer
     assert (batch['input_ids'][row] == tokenizer.convert_tokens_to_ids('<image>')).sum() == 2
 
 
@@ -257,3 +261,4 @@ def test_eval_batches_keep_file_order_and_pad(good_dataset, tokenizer):
   padding = {key: value[2:] for key, value in batches[-1].items()}
   assert padding['attention_mask'].sum() == padding['loss_mask'].sum() == 0
   assert not padding['images'].any() and not padding['num_images'].any()
+  assert not padding['prefix_len'].any()

@@ -1,13 +1,15 @@
 """projection_impl='pallas' (fused LoRA kernel, interpret mode on CPU) against 'xla'."""
 
+import collections
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import sft
-from openvlm_jax import config_lib, objectives
+from openvlm_jax import config_lib, objectives, parallel
 from openvlm_jax.models import lora
 from openvlm_jax.models.config import LoraConfig, VLMConfig
 from openvlm_jax.models.vlm import VLM
@@ -167,3 +169,42 @@ def test_routing_rule():
       with_dropout, lora=dataclasses.replace(with_dropout.lora, dropout=0.1))
   assert _traced_kernel_calls(with_dropout, rngs={'dropout': jax.random.key(1)}) == 0
   assert _traced_kernel_calls(with_dropout) == 8  # deterministic: dropout is the identity
+
+
+def _kernel_calls(jaxpr, inside_shard_map=False, counts=None) -> collections.Counter:
+  """(Pallas kernel name, whether inside a shard_map) -> count, over every nested jaxpr."""
+  counts = collections.Counter() if counts is None else counts
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'pallas_call':
+      counts[(str(eqn.params['name']), inside_shard_map)] += 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, 'eqns'):
+          _kernel_calls(sub, inside_shard_map or eqn.primitive.name == 'shard_map', counts)
+  return counts
+
+
+def test_pallas_kernels_under_a_mesh_match_one_device():
+  """On 4 devices (fsdp=2, tensor=2) both kernels run per device under shard_map: examples,
+  tokens and heads split, output columns where the rules allow. Loss, logits and gradients
+  equal the one-device XLA model's."""
+  xla_config = _vlm_config('nf4', 'xla')
+  batch = _batch(xla_config)
+  params = _init(xla_config, batch)
+  reference = _loss_logits_grads(xla_config, params, batch)
+  both = _vlm_config('nf4', 'pallas', attention_impl='pallas')
+  mesh = parallel.make_mesh(dict(data=1, fsdp=2, tensor=2), jax.devices()[:4])
+  rules = sft.get_config('model=tiny').logical_axis_rules
+  with parallel.mesh_rules(mesh, rules):
+    on_mesh = jax.device_put((params, batch), NamedSharding(mesh, P()))
+    candidate = _loss_logits_grads(both, *on_mesh)
+    model = VLM(both)
+    forward = jax.make_jaxpr(lambda p: model.apply(
+        p, batch['input_ids'], batch['images'], positions=batch['positions'],
+        attention_mask=batch['attention_mask']))(on_mesh[0])
+  _assert_same(reference, candidate, batch['attention_mask'].astype(bool))
+  calls = _kernel_calls(forward.jaxpr)
+  assert calls[('lora_projection', True)] >= 8  # 7 per (scanned) layer and the LM head
+  assert calls[('flash_attention_forward', True)] >= 2  # the decoder and the vision tower
+  assert not any(count for (_, inside), count in calls.items() if not inside), calls

@@ -1,0 +1,94 @@
+"""Examples built from records: the prefix of a prefix LM (`prefix_len`)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from openvlm_jax import inference
+from openvlm_jax.data import conversation
+from openvlm_jax.data import examples as examples_lib
+
+NUM_IMAGE_TOKENS = 2
+
+
+def _spec(tokenizer) -> examples_lib.ExampleSpec:
+  return examples_lib.ExampleSpec(tokenizer=tokenizer, image_size=8, image_mean=(0.5,) * 3,
+                                  image_std=(0.25,) * 3, num_image_tokens=NUM_IMAGE_TOKENS,
+                                  seq_len=96, max_images=2)
+
+
+def _png(value: int) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _prompt_tokens(tokenizer, turns, num_images):
+  """The turns before the first assistant reply, rendered with the generation prompt."""
+  messages = conversation.to_messages(
+      turns, num_images=num_images, image_token='<image>', num_image_tokens=NUM_IMAGE_TOKENS)
+  first_reply = next(k for k, message in enumerate(messages) if message['role'] == 'assistant')
+  text = tokenizer.apply_chat_template(messages[:first_reply], tokenize=False,
+                                       add_generation_prompt=True)
+  return tokenizer(text, add_special_tokens=False)['input_ids']
+
+
+RECORDS = {
+    'one_turn_one_image': (
+        [{'from': 'human', 'value': '<image>\nWhat number is shown?'},
+         {'from': 'gpt', 'value': 'The answer is 7.'}], 1),
+    'multi_turn_system_no_image': (
+        [{'from': 'system', 'value': 'Be brief.'},
+         {'from': 'human', 'value': 'What is the sum of these digits? 12'},
+         {'from': 'gpt', 'value': '3'},
+         {'from': 'human', 'value': 'Describe the picture in one word.'},
+         {'from': 'gpt', 'value': 'A square.'}], 0),
+    'multi_turn_two_images': (
+        [{'from': 'human', 'value': 'Which digit is this? <image> and <image>'},
+         {'from': 'gpt', 'value': '0 1'},
+         {'from': 'human', 'value': 'What number is shown?'},
+         {'from': 'gpt', 'value': '4'}], 2),
+}
+
+
+@pytest.mark.parametrize('name', sorted(RECORDS))
+def test_prefix_len_is_the_index_of_the_first_answer_token(tokenizer, name):
+  turns, num_images = RECORDS[name]
+  record = {'conversations': turns, 'image_bytes': [_png(40 * i) for i in range(num_images)]}
+  example = examples_lib.make_example(record, _spec(tokenizer))
+  prefix_len = int(example['prefix_len'])
+  assert example['prefix_len'].dtype == np.int32 and example['prefix_len'].shape == ()
+  # The prefix is exactly the prompt the first reply is conditioned on.
+  prompt = _prompt_tokens(tokenizer, turns, num_images)
+  assert prefix_len == len(prompt)
+  np.testing.assert_array_equal(example['input_ids'][:prefix_len], prompt)
+  assert tokenizer.decode(example['input_ids'][prefix_len - 1:prefix_len]) == '\n'
+  # targets[t] is token t + 1: the first target with loss is the first answer token.
+  assert np.flatnonzero(example['loss_mask'])[0] == prefix_len - 1
+  image_token_id = tokenizer.convert_tokens_to_ids('<image>')
+  image_positions = np.flatnonzero(example['input_ids'] == image_token_id)
+  assert len(image_positions) == num_images * NUM_IMAGE_TOKENS
+  assert (image_positions < prefix_len).all()
+
+
+def test_single_turn_prefix_is_the_inference_prompt(tokenizer):
+  turns, num_images = RECORDS['one_turn_one_image']
+  record = {'conversations': turns, 'image_bytes': [_png(7)]}
+  example = examples_lib.make_example(record, _spec(tokenizer))
+  prompt = inference.encode_prompt(tokenizer, turns[0]['value'], num_images=num_images,
+                                   num_image_tokens=NUM_IMAGE_TOKENS)
+  np.testing.assert_array_equal(example['input_ids'][:int(example['prefix_len'])], prompt)
+
+
+def test_empty_example_and_batches_carry_prefix_len(tokenizer):
+  spec = _spec(tokenizer)
+  records = [{'conversations': RECORDS[name][0],
+              'image_bytes': [_png(9)] * RECORDS[name][1]} for name in sorted(RECORDS)]
+  rows = [examples_lib.make_example(record, spec) for record in records]
+  rows.append(examples_lib.empty_example(spec))
+  batch = examples_lib.stack_examples(rows)
+  assert batch['prefix_len'].dtype == np.int32 and batch['prefix_len'].shape == (4,)
+  np.testing.assert_array_equal(batch['prefix_len'], [int(row['prefix_len']) for row in rows])
+  assert batch['prefix_len'][-1] == 0
