@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import flash_attention, reference
+from pallas_kernels import flash_attention, lora_projection, reference
 
 BACKEND = jax.default_backend()
 pytestmark = pytest.mark.skipif(BACKEND not in ('gpu', 'tpu'),
@@ -65,3 +65,43 @@ def test_compiled_flash_attention_matches_reference(case):
     error = _relative_error(ours, expected)
     print(f'{case[0]} {BACKEND} {name}: relative error {error:.1e}')
     assert error <= tolerance, (name, error)
+
+
+def _projection_weight(rng, kind, in_features, out_features):
+  """(weight, keyword arguments) of `kind` 'bf16' | 'int8' | 'nf4' (random packed codes)."""
+  if kind == 'bf16':
+    return jnp.asarray(rng.normal(size=(in_features, out_features)) * 0.02, jnp.bfloat16), {}
+  if kind == 'int8':
+    weight = jnp.asarray(rng.integers(-127, 128, size=(in_features, out_features)), jnp.int8)
+    return weight, {'weight_scale': jnp.asarray(
+        rng.uniform(1e-4, 2e-4, size=out_features), jnp.float32)}
+  in_pad = -(-in_features // 128) * 128
+  packed = jnp.asarray(rng.integers(0, 256, size=(in_pad // 2, out_features)), jnp.uint8)
+  absmax = jnp.asarray(rng.uniform(0.01, 0.03, size=(in_pad // 64, out_features)), jnp.float32)
+  return packed, {'weight_absmax': absmax}
+
+
+@pytest.mark.parametrize('kind', ['bf16', 'int8', 'nf4'])
+@pytest.mark.parametrize('tokens,in_features,out_features', [(512, 4096, 1024), (300, 1000, 520)])
+def test_compiled_lora_projection_matches_reference(kind, tokens, in_features, out_features):
+  rng = np.random.default_rng(in_features)
+  rank = 16
+  x = jnp.asarray(rng.normal(size=(tokens, in_features)), jnp.bfloat16)
+  weight, weight_kwargs = _projection_weight(rng, kind, in_features, out_features)
+  lora_a = jnp.asarray(rng.normal(size=(in_features, rank)) * 0.02, jnp.bfloat16)
+  lora_b = jnp.asarray(rng.normal(size=(rank, out_features)) * 0.02, jnp.bfloat16)
+  cotangent = jnp.asarray(rng.normal(size=(tokens, out_features)), jnp.bfloat16)
+
+  def value_and_grads(projection, **kwargs):
+    def run(x, a, b, d_out):
+      fn = lambda x, a, b: projection(x, weight, a, b, scale=2.0, **weight_kwargs, **kwargs)
+      out, pullback = jax.vjp(fn, x, a, b)
+      return (out, *pullback(d_out))
+    return jax.jit(run)(x, lora_a, lora_b, cotangent)
+
+  got = value_and_grads(lora_projection.lora_projection, interpret=False)
+  want = value_and_grads(reference.lora_projection)
+  for name, ours, expected in zip(('y', 'dx', 'dA', 'dB'), got, want):
+    error = _relative_error(ours, expected)
+    print(f'{kind} {tokens}x{in_features}x{out_features} {BACKEND} {name}: {error:.1e}')
+    assert error <= BF16_TOLERANCE, (name, error)
