@@ -25,7 +25,7 @@ from openvlm_jax import (
   objectives,
   parallel,
 )
-from openvlm_jax.models.vlm import VLM
+from openvlm_jax.models.vlm import VLM, dummy_inputs
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib
 from openvlm_jax.training import step as step_lib
@@ -55,21 +55,14 @@ def measure(variant: str, model_preset: str, vocab: int, batch_size: int, seq_le
   model = VLM(vlm_config)
   trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(rank))
   optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, 1000, trainable)
-  size = vlm_config.vision.image_size
-  example = {'input_ids': np.zeros((1, seq_len), np.int32),
-             'images': np.zeros((1, 1, size, size, 3), np.float32),
-             'positions': np.zeros((1, seq_len), np.int32),
-             'attention_mask': np.ones((1, seq_len), np.int32)}
+  example = dummy_inputs(vlm_config, 1, seq_len)
   mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   shardings = state_lib.state_shardings(model, optimizer, example, mesh, config.logical_axis_rules)
   abstract_state = jax.eval_shape(lambda: state_lib.create_train_state(
       model, optimizer, example, shardings, jax.random.key(0)))
-  batch = {'input_ids': np.zeros((batch_size, seq_len), np.int32),
+  batch = {**dummy_inputs(vlm_config, batch_size, seq_len),
            'targets': np.zeros((batch_size, seq_len), np.int32),
-           'loss_mask': np.ones((batch_size, seq_len), np.float32),
-           'attention_mask': np.ones((batch_size, seq_len), np.int32),
-           'positions': np.zeros((batch_size, seq_len), np.int32),
-           'images': np.zeros((batch_size, 1, size, size, 3), np.float32)}
+           'loss_mask': np.ones((batch_size, seq_len), np.float32)}
   abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
   train_step = step_lib.make_train_step(model, objectives.get('sft'), optimizer, schedule,
                                         trainable=trainable)

@@ -77,17 +77,21 @@ class _Static:
   block_k: int
   interpret: bool
   backend: str  # 'cpu' | 'gpu' | 'tpu': the platform the kernels are built for
-  heads_major: bool  # q/k/v laid out [b, h, s, d] (TPU) rather than [b, s, h, d]
+
+  @property
+  def heads_major(self) -> bool:
+    """q/k/v laid out [b, h, s, d] (TPU) rather than [b, s, h, d]."""
+    return self.backend == 'tpu'
 
 
-def _compiler_params(static, num_grid_dims=3):
+def _compiler_params(static):
   """Triton on GPU (jax's default there is Mosaic GPU), Mosaic on TPU; none when interpreted."""
   if static.interpret:
     return None
   if static.backend == 'gpu':
     return pltriton.CompilerParams(num_warps=4 if static.block_k <= 64 else 8, num_stages=2)
   if static.backend == 'tpu':
-    return pltpu.CompilerParams(dimension_semantics=('parallel',) * num_grid_dims)
+    return pltpu.CompilerParams(dimension_semantics=('parallel',) * 3)  # (b, heads, blocks)
   return None
 
 
@@ -505,8 +509,7 @@ def flash_attention(
 
   static = _Static(scale=float(scale), causal=causal, use_segments=use_segments,
                    use_prefix=prefix_len is not None, kv_len=kv_len, kv_padded=kv_padded,
-                   block_q=block_q, block_k=block_k, interpret=bool(interpret), backend=backend,
-                   heads_major=backend == 'tpu')
+                   block_q=block_q, block_k=block_k, interpret=bool(interpret), backend=backend)
 
   def prepare(x, padded_len):  # [b, s, h, d] -> padded, in the kernels' layout
     x = _pad_axis(_pad_axis(x, 1, padded_len), 3, dim_padded)

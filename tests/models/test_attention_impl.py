@@ -18,6 +18,20 @@ def _relative_error(ours, expected):
   return float(np.max(np.abs(ours - expected)) / np.max(np.abs(expected)))
 
 
+def assert_grads_close(xla_grads, pallas_grads, tolerance: float) -> None:
+  """Every gradient leaf agrees to `tolerance`, relative to the leaf's largest magnitude."""
+  flat_xla = jax.tree_util.tree_leaves_with_path(xla_grads)
+  flat_pallas = jax.tree.leaves(pallas_grads)
+  assert len(flat_xla) == len(flat_pallas)
+  worst = 0.0
+  for (path, want), got in zip(flat_xla, flat_pallas):
+    scale = max(float(jnp.max(jnp.abs(want))), 1e-6)
+    error = float(jnp.max(jnp.abs(got - want))) / scale
+    worst = max(worst, error)
+    assert error <= tolerance, (jax.tree_util.keystr(path), error)
+  print(f'{len(flat_xla)} gradient leaves, worst relative error {worst:.1e}')
+
+
 def test_dot_product_attention_pallas_matches_xla_with_left_padding():
   rng = np.random.default_rng(0)
   query = jnp.asarray(rng.normal(size=(2, 12, 4, 16)), jnp.float32)
@@ -75,13 +89,4 @@ def test_tiny_vlm_same_loss_and_grads_as_xla():
   pallas_loss, pallas_grads = _loss_and_grads(pallas_model, params, batch)
   print(f'loss xla {float(xla_loss):.6f} pallas {float(pallas_loss):.6f}')
   assert abs(float(pallas_loss) - float(xla_loss)) <= TOLERANCE * abs(float(xla_loss))
-  flat_xla = jax.tree_util.tree_leaves_with_path(xla_grads)
-  flat_pallas = jax.tree.leaves(pallas_grads)
-  assert len(flat_xla) == len(flat_pallas)
-  worst = 0.0
-  for (path, want), got in zip(flat_xla, flat_pallas):
-    scale = max(float(jnp.max(jnp.abs(want))), 1e-6)
-    error = float(jnp.max(jnp.abs(got - want))) / scale
-    worst = max(worst, error)
-    assert error <= TOLERANCE, (jax.tree_util.keystr(path), error)
-  print(f'{len(flat_xla)} gradient leaves, worst relative error {worst:.1e}')
+  assert_grads_close(xla_grads, pallas_grads, TOLERANCE)

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import sft
@@ -103,13 +104,15 @@ def _assert_same(reference, candidate, real: np.ndarray):
     assert _relative_error(got, want) <= TOLERANCE, name
 
 
-def test_pallas_projection_matches_xla_float_base():
-  """Float32 base: also the base kernels' gradients agree (a trained W gets x^T dy)."""
-  xla_config = _vlm_config('float32', 'xla')
+@pytest.mark.parametrize('base_dtype', ['float32', 'nf4'])
+def test_pallas_projection_matches_xla(base_dtype):
+  """Float32 base: the base kernels' gradients agree too (a trained W gets x^T dy). NF4 base
+  (QLoRA): the kernel dequantizes the 4-bit codes tile by tile."""
+  xla_config = _vlm_config(base_dtype, 'xla')
   batch = _batch(xla_config)
   params = _init(xla_config, batch)
   _assert_same(_loss_logits_grads(xla_config, params, batch),
-               _loss_logits_grads(_vlm_config('float32', 'pallas'), params, batch),
+               _loss_logits_grads(_vlm_config(base_dtype, 'pallas'), params, batch),
                batch['attention_mask'].astype(bool))
 
 
@@ -123,16 +126,6 @@ def test_pallas_projection_matches_xla_int8_base_with_pallas_attention():
   _assert_same(reference, _loss_logits_grads(_vlm_config('int8', 'pallas'), params, batch), real)
   both = _vlm_config('int8', 'pallas', attention_impl='pallas')
   _assert_same(reference, _loss_logits_grads(both, params, batch), real)
-
-
-def test_pallas_projection_matches_xla_nf4_base():
-  """NF4 base (QLoRA): the kernel dequantizes the 4-bit codes tile by tile."""
-  xla_config = _vlm_config('nf4', 'xla')
-  batch = _batch(xla_config)
-  params = _init(xla_config, batch)
-  _assert_same(_loss_logits_grads(xla_config, params, batch),
-               _loss_logits_grads(_vlm_config('nf4', 'pallas'), params, batch),
-               batch['attention_mask'].astype(bool))
 
 
 def test_projection_impl_reaches_lora_config():

@@ -8,7 +8,7 @@ import pytest
 
 from configs import sft
 from openvlm_jax import checkpoint, config_lib, objectives, parallel
-from openvlm_jax.models.vlm import VLM
+from openvlm_jax.models.vlm import VLM, dummy_inputs
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib
 from openvlm_jax.training import step as step_lib
@@ -26,11 +26,7 @@ def lora_setup(base_dtype='float32', recipe='lora'):
   model = VLM(vlm_config)
   trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=True)
   optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, 100, trainable)
-  size = vlm_config.vision.image_size
-  example = {'input_ids': np.zeros((1, SEQ), np.int32),
-             'images': np.zeros((1, 1, size, size, 3), np.float32),
-             'positions': np.zeros((1, SEQ), np.int32),
-             'attention_mask': np.ones((1, SEQ), np.int32)}
+  example = dummy_inputs(vlm_config, 1, SEQ)
   mesh = parallel.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1}, jax.devices()[:1])
   shardings = state_lib.state_shardings(model, optimizer, example, mesh, config.logical_axis_rules)
   state = state_lib.create_train_state(model, optimizer, example, shardings, jax.random.key(0))
