@@ -4,8 +4,16 @@ A config file reads like a recipe; this module holds what every recipe starts fr
 files themselves stay short.
 """
 
+import difflib
+import importlib.util
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import ml_collections
 
+from openvlm_jax import console
 from openvlm_jax.models import config as model_config
 
 # Model presets. `vocab_size` 0 means "take it from the tokenizer".
@@ -40,7 +48,7 @@ def parse_preset(arg: str, **defaults) -> dict:
   for item in filter(None, (arg or '').split(',')):
     key, sep, value = item.partition('=')
     if not sep or key not in defaults:
-      raise ValueError(f'Unknown config argument {item!r}; known: {sorted(defaults)}')
+      raise console.UserError(f'Unknown config argument {item!r}; known: {sorted(defaults)}')
     preset[key] = value
   return preset
 
@@ -48,7 +56,7 @@ def parse_preset(arg: str, **defaults) -> dict:
 def model_section(preset: str) -> ml_collections.ConfigDict:
   """The `config.model` section for a named preset."""
   if preset not in MODEL_PRESETS:
-    raise ValueError(f'Unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}')
+    raise console.UserError(f'Unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}')
   sizes = MODEL_PRESETS[preset]
   model = ml_collections.ConfigDict()
   # A Hugging Face folder (LlavaForConditionalGeneration) to start from; '' trains from scratch.
@@ -93,6 +101,9 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.data.shuffle_seed = 0
   config.data.worker_count = 0
   config.data.on_bad_record = 'skip'  # 'skip' (count and log) | 'raise'
+  # Decode every image fully when validating (catches truncated files up front); False for
+  # very large sets, where a late decode failure is then dropped and logged once.
+  config.data.decode_images = True
   config.data.demo_task = 'read'  # the embedded dataset's task: 'read' | 'sum' (see data/digits.py)
 
   config.objective = ml_collections.ConfigDict()
@@ -158,6 +169,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.export.step = -1  # -1: the latest checkpoint
   config.export.format = 'merged'  # 'merged' (a full LLaVA folder) | 'peft' (a LoRA adapter)
   config.export.base_model = ''  # the adapter's base model; '' = config.model.init_from
+  config.export.overwrite = False  # True: write into a non-empty export.dir
   return config
 
 
@@ -202,3 +214,137 @@ def lora_config(lora: ml_collections.ConfigDict | None) -> model_config.LoraConf
   return model_config.LoraConfig(rank=int(lora.rank), alpha=float(lora.alpha),
                                  dropout=float(lora.dropout), targets=tuple(lora.targets),
                                  base_dtype=lora.base_dtype)
+
+
+# ---- Checks a config must pass before anything is built ---------------------------------------
+
+# Keys whose change between a checkpoint and a resumed run would alter the train state's shapes
+# (or what its tensors mean); anything else may change on resume, with a warning.
+STATE_SHAPING_KEYS = ('model.llm.', 'model.vision.', 'model.projector', 'model.init_from',
+                      'model.llm_from', 'model.vision_from', 'model.scan_layers',
+                      'model.param_dtype', 'lora.rank', 'lora.targets', 'lora.base_dtype',
+                      'trainable', 'tokenizer')
+
+
+# Keys with a fixed set of values.
+CHOICES = {
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.param_dtype': ('float32', 'bfloat16', 'float16'),
+    'model.remat': ('none', 'full', 'dots'),
+    'model.attention_impl': ('xla', 'cudnn', 'pallas'),
+    'model.projection_impl': ('xla', 'pallas'),
+    'model.projector': ('linear', 'mlp2x_gelu'),
+    'model.vision.kind': ('clip', 'siglip'),
+    'lora.base_dtype': ('float32', 'bf16', 'int8', 'nf4'),
+    'objective.name': ('sft', 'quantitative'),
+    'export.dtype': ('float32', 'bfloat16'),
+    'export.format': ('merged', 'peft'),
+}
+
+
+def _require(condition: bool, key: str, value: Any, rule: str) -> None:
+  if not condition:
+    raise console.UserError(f'config.{key}={value!r}: {rule}')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the values a run reads, naming the key of the first bad one.
+
+  What needs the devices or the model (the batch against the mesh, `seq_len` against the
+  image tokens) is checked in `training/setup.py`.
+
+  Raises:
+    console.UserError: `config.<key>=<value>: <rule>`.
+  """
+  training, data = config.training, config.data
+  _require(training.num_steps >= 1, 'training.num_steps', training.num_steps, 'must be >= 1')
+  _require(training.log_every >= 1, 'training.log_every', training.log_every, 'must be >= 1')
+  for key in ('eval_every', 'checkpoint_every'):
+    _require(training[key] >= 0, f'training.{key}', training[key], 'must be >= 0 (0: never)')
+  _require(training.keep_checkpoints >= 1, 'training.keep_checkpoints',
+           training.keep_checkpoints, 'must be >= 1')
+  _require(data.batch_size >= 1, 'data.batch_size', data.batch_size, 'must be >= 1')
+  accum = config.optimizer.grad_accum_steps
+  _require(accum >= 1, 'optimizer.grad_accum_steps', accum, 'must be >= 1')
+  _require(data.batch_size % accum == 0, 'data.batch_size', data.batch_size,
+           f'must be a multiple of optimizer.grad_accum_steps={accum}')
+  _require(data.seq_len >= 2, 'data.seq_len', data.seq_len, 'must be >= 2')
+  _require(data.max_images >= 0, 'data.max_images', data.max_images, 'must be >= 0')
+  _require(data.worker_count >= 0, 'data.worker_count', data.worker_count, 'must be >= 0')
+  _require(data.on_bad_record in ('skip', 'raise'), 'data.on_bad_record', data.on_bad_record,
+           "must be 'skip' or 'raise'")
+  _require(config.optimizer.lr > 0, 'optimizer.lr', config.optimizer.lr, 'must be > 0')
+  for key, allowed in CHOICES.items():
+    section, name = key.rsplit('.', 1)
+    value = config
+    for part in section.split('.'):
+      value = value[part]
+    _require(value[name] in allowed, key, value[name], f'must be one of {list(allowed)}')
+  _require(config.predict.batch_size >= 1, 'predict.batch_size', config.predict.batch_size,
+           'must be >= 1')
+  _require(config.predict.max_new_tokens >= 1, 'predict.max_new_tokens',
+           config.predict.max_new_tokens, 'must be >= 1')
+
+
+def flat_items(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a.b.c': value} for every leaf of a nested dict or ConfigDict."""
+  items = {}
+  for key, value in tree.items():
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      items.update(flat_items(value, f'{prefix}{key}.'))
+    else:
+      items[f'{prefix}{key}'] = value
+  return items
+
+
+def config_changes(saved: Mapping[str, Any],
+                   current: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, current value) for every leaf that differs, in key order.
+
+  `saved` is a checkpoint's JSON copy of the config, so tuples compare as lists.
+  """
+  old = flat_items(json.loads(json.dumps(saved, default=str)))
+  new = flat_items(json.loads(json.dumps(current.to_dict(), default=str)))
+  return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
+          if old.get(key) != new.get(key)]
+
+
+def changes_state_shapes(key: str) -> bool:
+  """Whether changing `key` on resume would not fit the saved train state."""
+  return any(key == prefix or key.startswith(prefix) for prefix in STATE_SHAPING_KEYS)
+
+
+def load_config_file(path: str, arg: str = '') -> ml_collections.ConfigDict:
+  """Runs `get_config(arg)` of a config file, as `--config=path:arg` does."""
+  spec = importlib.util.spec_from_file_location('_openvlm_config', path)
+  if spec is None or not os.path.exists(path):
+    raise console.UserError(f'--config={path}: no such config file')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def explain_flag_error(argv: Sequence[str], error: Exception) -> str:
+  """One line for a failed flag parse: the bad `--config.<key>` and the closest valid key."""
+  config_arg = next((arg.split('=', 1)[1] for arg in argv if arg.startswith('--config=')), None)
+  if config_arg:
+    path, _, preset = config_arg.partition(':')
+    try:
+      config = load_config_file(path, preset)
+    except Exception as load_error:  # noqa: BLE001  (whatever the config file raised)
+      return f'--config={config_arg}: {_first_line(load_error)}'
+    known = list(flat_items(config)) + [key for key, value in config.items()]
+    for arg in argv:
+      if not arg.startswith('--config.'):
+        continue
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if key not in known:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f'; did you mean --config.{close[0]}?' if close else ''
+        return f'--config.{key}: the config has no key {key!r}{hint}'
+  return _first_line(error)
+
+
+def _first_line(error: BaseException) -> str:
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  return lines[0].strip() if lines else type(error).__name__

@@ -10,13 +10,11 @@ bidirectionally within it, and each generated token causally to everything befor
   generate = make_generate_fn(model, SamplingConfig(max_new_tokens=8, stop_token_ids=(2,)))
   out = generate(params, input_ids, attention_mask, images)  # out['tokens'] [batch, 8]
 
-`read_questions`, `encode_prompt`, `left_pad` and `answer_questions` turn a JSONL of images
-and questions into answer strings with a Hugging Face tokenizer and its chat template.
+`answer_prompts` turns encoded prompts (`data.examples.encode_prompt`) and their images into
+answer strings, in batches of one compiled shape.
 """
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,9 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from openvlm_jax.data import conversation, jsonl
-from openvlm_jax.data import images as images_lib
-from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.models import layers
 from openvlm_jax.models.llm import init_cache, positions_from_mask
 from openvlm_jax.models.vlm import VLM
@@ -151,57 +146,6 @@ def sampling_from_config(section: Any, tokenizer: Any) -> SamplingConfig:
       pad_token_id=int(pad_id))
 
 
-def read_questions(path: str) -> list[dict[str, Any]]:
-  """Reads a JSONL of questions about images.
-
-  Each line is `{"id", "image": path | [paths] (optional), "question": str, "answer": str
-  (optional)}` or a LLaVA record (`conversations`: the first human turn is the question, the
-  first gpt turn the reference answer). Image paths are relative to the file's folder.
-
-  Returns:
-    `[{"id", "image_paths": [absolute paths], "question", "answer" (or None)}]`.
-
-  Raises:
-    ValueError: `path:line: reason` for a malformed line.
-  """
-  root, questions = os.path.dirname(os.path.abspath(path)), []
-  for line_no, _, line in jsonl.iter_lines(path):
-    where = f'{path}:{line_no}'
-    try:
-      record = json.loads(line)
-      images = record.get('image') or []
-      images = [images] if isinstance(images, str) else list(images)
-      question, answer = record.get('question'), record.get('answer')
-      for turn in record.get('conversations') or []:
-        role = conversation.ROLES.get(turn.get('from'))
-        if role == 'user' and question is None:
-          question = turn['value']
-        elif role == 'assistant' and answer is None:
-          answer = turn['value']
-      if not isinstance(question, str):
-        raise ValueError('no "question" (or human turn)')  # noqa: TRY004 (bad data)
-      questions.append({
-          'id': str(record.get('id', f'{os.path.basename(path)}:{line_no}')),
-          'image_paths': [jsonl.resolve_image_path(root, image) for image in images],
-          'question': question,
-          'answer': None if answer is None else str(answer),
-      })
-    except (ValueError, AttributeError, TypeError, KeyError) as error:
-      raise ValueError(f'{where}: {error}') from error
-  return questions
-
-
-def encode_prompt(tokenizer: Any, question: str, *, num_images: int,
-                  num_image_tokens: int) -> list[int]:
-  """Token ids of a one-question chat, ending with the template's generation prompt."""
-  messages = conversation.to_messages(
-      [{'from': 'human', 'value': question}, {'from': 'gpt', 'value': ''}],
-      num_images=num_images, image_token=tokenizer_lib.image_token_of(tokenizer),
-      num_image_tokens=num_image_tokens)[:-1]
-  text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-  return list(tokenizer(text, add_special_tokens=False)['input_ids'])
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
              length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists to `length` (default: the longest). Returns ids, mask [b, len]."""
@@ -211,55 +155,49 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
   for row, prompt in enumerate(prompts):
     if len(prompt) > length:
       raise ValueError(f'prompt of {len(prompt)} tokens is longer than {length}')
-    if prompt:
+    if len(prompt):
       input_ids[row, length - len(prompt):] = prompt
       attention_mask[row, length - len(prompt):] = 1
   return input_ids, attention_mask
 
 
-def answer_questions(
-    model: VLM,
+def answer_prompts(
+    generate: Callable,
     params: Any,
     tokenizer: Any,
-    questions: Sequence[dict[str, Any]],
+    prompts: Sequence[np.ndarray],
+    images_of: Callable[[int], np.ndarray],
     *,
-    sampling: SamplingConfig,
     batch_size: int,
-    max_images: int,
+    prompt_len: int,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-  """Generates an answer for each question (see `read_questions` for the dict fields).
+  """Generates an answer for each prompt with a function from `make_generate_fn`.
 
-  All batches are padded to one shape (the longest prompt, `batch_size` rows), so the
-  generate function compiles once.
+  Every batch has `batch_size` rows and prompts left-padded to `prompt_len`, so `generate`
+  compiles once for a given (batch_size, prompt_len), whatever the number of prompts.
+
+  Args:
+    generate: the jitted generate function (see `make_generate_fn`).
+    params: the VLM's parameters.
+    tokenizer: decodes the answers.
+    prompts: token ids of each prompt, image tokens expanded.
+    images_of: index -> float32 [max_images, H, W, 3], the images of prompt `index`.
+    batch_size, prompt_len: the compiled shape.
+    seed: the sampling seed.
 
   Returns:
-    One `{"answer": str, "num_tokens": int}` per question, in order.
+    One `{"answer": str, "num_tokens": int}` per prompt, in order.
   """
-  if not questions:
-    return []
-  vision = model.config.vision
-  prompts = [encode_prompt(tokenizer, q['question'], num_images=len(q['image_paths']),
-                           num_image_tokens=vision.num_image_tokens) for q in questions]
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  prompt_len = max(len(prompt) for prompt in prompts)
-  generate = make_generate_fn(model, sampling)
-  rng = jax.random.key(seed)
-  results = []
-  for start in range(0, len(questions), batch_size):
-    chunk = list(range(start, min(start + batch_size, len(questions))))
+  rng, results = jax.random.key(seed), []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(range(start, min(start + batch_size, len(prompts))))
     rows = [prompts[i] for i in chunk] + [[]] * (batch_size - len(chunk))
     input_ids, attention_mask = left_pad(rows, pad_id, prompt_len)
-    size = vision.image_size
-    pixels = np.zeros((batch_size, max_images, size, size, 3), np.float32)
-    for row, index in enumerate(chunk):
-      paths = questions[index]['image_paths']
-      if len(paths) > max_images:
-        raise ValueError(f"question {questions[index]['id']}: {len(paths)} images, more than "
-                         f'max_images={max_images}')
-      for slot, path in enumerate(paths):
-        pixels[row, slot] = images_lib.load_image(
-            path, image_size=size, image_mean=vision.image_mean, image_std=vision.image_std)
+    pixels = np.stack([images_of(index) for index in chunk])  # [rows, max_images, H, W, 3]
+    pixels = np.concatenate(
+        [pixels, np.zeros((batch_size - len(chunk), *pixels.shape[1:]), np.float32)])
     rng, batch_rng = jax.random.split(rng)
     out = jax.device_get(generate(params, input_ids, attention_mask, pixels, batch_rng))
     for row in range(len(chunk)):

@@ -3,22 +3,20 @@
 import json
 import os
 
-from absl import logging
 import jax
 import ml_collections
+from absl import logging
 
-from openvlm_jax import checkpoint
-from openvlm_jax import evaluation
-from openvlm_jax import inference
-from openvlm_jax import objectives
-from openvlm_jax import parallel
+from openvlm_jax import checkpoint, objectives
+from openvlm_jax import workdir as workdir_lib
+from openvlm_jax.console import UserError, say
+from openvlm_jax.data import conversation
+from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.hf import io as hf_io
 from openvlm_jax.hf import peft_export
 from openvlm_jax.integrations import sqlite_export
-from openvlm_jax.training import loop
+from openvlm_jax.training import evaluate, loop, setup
 from openvlm_jax.training import optimizer as optimizer_lib
-from openvlm_jax.training import setup
-from openvlm_jax.training import step as step_lib
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -27,68 +25,94 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def restore_params(run: setup.Run, step: int = -1):
-  """The parameters of checkpoint `step` (-1: the latest) in the run's workdir."""
+  """The parameters (only; no optimizer state) of checkpoint `step` (-1: the latest)."""
+  step = checkpoint.require_step(run.workdir, step)
   manager = checkpoint.make_manager(run.workdir, run.config.training.keep_checkpoints)
-  step = manager.latest_step() if step == -1 else step
-  if step is None or step not in manager.all_steps():
-    which = '' if step is None else f' at step {step}'
-    raise FileNotFoundError(f'no checkpoint{which} in {manager.directory} '
-                            f'(saved steps: {list(manager.all_steps())})')
-  abstract_state = setup.state_layout(run).abstract_state(run.model)
-  state = checkpoint.restore(manager, step, abstract_state)
+  layout = setup.state_layout(run)
+  abstract_params = layout.abstract_state(run.model).params
+  params = checkpoint.restore_params(manager, step, abstract_params)
   manager.close()
-  return state.params, step
+  return params, step
 
 
 def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: disable=redefined-builtin
-  """Evaluates the latest checkpoint on the eval split."""
-  run = setup.make_run(config, workdir)
+  """Evaluates the latest checkpoint on the eval split: teacher-forced and generated."""
+  checkpoint.require_step(workdir)
+  run = setup.make_run(config, workdir, build_demo=False)
+  if not run.has_eval:
+    raise UserError('--mode=eval needs eval data: --config.data.eval_files=<file.jsonl>')
+  evaluator = setup.make_evaluator(run, setup.load_eval_set(run),
+                                   objectives.get(config.objective, run.tokenizer),
+                                   setup.state_layout(run).shardings.params)
   params, step = restore_params(run)
-  eval_step = parallel.under_mesh(
-      jax.jit(step_lib.make_eval_step(run.model, objectives.get(config.objective, run.tokenizer)),
-              in_shardings=(None, parallel.batch_sharding(run.mesh))),
-      run.mesh, config.logical_axis_rules)
-  metrics = loop.evaluate(eval_step, params, run)
-  if run.has_eval:
-    metrics.update(loop.evaluate_generated(params, run))
+  metrics = evaluator.teacher_forced(params)
+  metrics.update(evaluator.generated(params))
   logging.info('eval of step %d: %s', step, metrics)
   return dict(step=step, **metrics)
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Answers config.predict.input (JSONL of images + questions); writes JSONL and SQLite."""
+  """Answers config.predict.input (JSONL of images + questions); writes JSONL and SQLite.
+
+  Bad questions are skipped and counted (or stop the run) as `config.data.on_bad_record`
+  says; the output files' folders are checked before anything is generated.
+  """
   section = config.predict
   if not section.input:
-    raise ValueError('--mode=predict needs --config.predict.input=<questions.jsonl>')
-  run = setup.make_run(config, workdir)
-  params, step = restore_params(run)
-  questions = inference.read_questions(section.input)
-  answers = loop.answer(run, params, questions)
-  scored = [(a['answer'], q['answer']) for q, a in zip(questions, answers) if q['answer']]
-  metrics = evaluation.score_answers(*zip(*scored)) if scored else {}
+    raise UserError('--mode=predict needs --config.predict.input=<questions.jsonl>')
   output = section.output or os.path.join(workdir, 'predictions.jsonl')
-  with open(output, 'w') as f:
-    f.writelines(json.dumps({'id': question['id'], 'image': question['image_paths'],
-                             'question': question['question'], 'answer': answer['answer'],
-                             'reference': question['answer']}) + '\n'
-                 for question, answer in zip(questions, answers))
   database = section.database or os.path.join(workdir, 'runs.db')
+  checkpoint.require_step(workdir)
+  for path in (output, database):
+    workdir_lib.check_writable(os.path.dirname(os.path.abspath(path)))
+  run = setup.make_run(config, workdir, build_demo=False)
+  questions = setup.load_eval_set(run, [section.input], check=examples_lib.check_question)
+  evaluator = setup.make_evaluator(run, questions, objectives.get(config.objective, run.tokenizer),
+                                   setup.state_layout(run).shardings.params)
+  params, step = restore_params(run)
+  answers = evaluator.answers(params)
+  metrics = evaluate.score(answers, questions.references, prefix='')
+  rows = [question_row(questions.record(i), questions.references[i])
+          for i in range(len(questions))]
+  with open(output, 'w') as f:
+    f.writelines(json.dumps({'id': row['id'], 'image': row['image_paths'],
+                             'question': row['question'], 'answer': answer['answer'],
+                             'reference': row['answer']}) + '\n'
+                 for row, answer in zip(rows, answers))
   run_id = sqlite_export.export_predictions(
-      database, questions=questions, answers=answers, config=config.to_dict(), metrics=metrics,
+      database, questions=rows, answers=answers, config=config.to_dict(), metrics=metrics,
       workdir=os.path.abspath(workdir), checkpoint_step=step,
       input_file=os.path.abspath(section.input))
-  logging.info('predict: %d answers -> %s and %s (run %s)', len(answers), output, database, run_id)
-  return dict(step=step, run_id=run_id, output=output, database=database, **metrics)
+  say(f'predict: {len(answers)} answers -> {output} and {database} (run {run_id}); '
+      f'{questions.bad_records.count} bad question(s) skipped')
+  return dict(step=step, run_id=run_id, output=output, database=database,
+              skipped=questions.bad_records.count, **metrics)
+
+
+def question_row(record: dict, reference: str | None) -> dict:
+  """A record to answer as the flat row predictions are written with."""
+  question = next((turn['value'] for turn in reversed(record['conversations'])
+                   if conversation.ROLES.get(turn.get('from')) == 'user'), '')
+  return {'id': record['id'], 'image_paths': record.get('image_paths') or [],
+          'question': question, 'answer': reference}
 
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes a checkpoint as a Hugging Face LLaVA folder, or its LoRA adapters as a PEFT folder."""
   export = config.export
   if not export.dir:
-    raise ValueError('--mode=export needs --config.export.dir=<folder>')
+    raise UserError('--mode=export needs --config.export.dir=<folder>')
   if export.format not in ('merged', 'peft'):
-    raise ValueError(f"config.export.format={export.format!r}: expected 'merged' or 'peft'")
-  run = setup.make_run(config, workdir)
+    raise UserError(f"config.export.format={export.format!r}: expected 'merged' or 'peft'")
+  if not export.overwrite and not workdir_lib.is_empty_folder(export.dir):
+    raise UserError(f'config.export.dir={export.dir} is not empty; pick a new folder or pass '
+                    '--config.export.overwrite=True')
+  checkpoint.require_step(workdir, export.step)
+  if export.format == 'peft' and (not config.lora.rank
+                                  or not (export.base_model or config.model.init_from)):
+    raise UserError('--config.export.format=peft needs LoRA (config.lora.rank > 0) and a '
+                    'base model (config.export.base_model or config.model.init_from)')
+  run = setup.make_run(config, workdir, build_demo=False)
   params, step = restore_params(run, export.step)
   params = jax.device_get(params)
   if config.model.prefix_attention:
@@ -97,15 +121,11 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if export.format == 'merged':
     hf_io.export_folder(export.dir, run.vlm_config, params, run.tokenizer, dtype=export.dtype)
   else:
-    base_model = export.base_model or config.model.init_from
-    if not config.lora.rank or not base_model:
-      raise ValueError('--config.export.format=peft needs LoRA (config.lora.rank > 0) and a '
-                       'base model (config.export.base_model or config.model.init_from)')
     peft_export.save_adapter(export.dir, run.vlm_config, params,
-                             base_model_name_or_path=base_model,
+                             base_model_name_or_path=export.base_model or config.model.init_from,
                              full_components=fully_trained_components(config, params),
                              dtype=export.dtype)
-  logging.info('exported step %d to %s as %s', step, export.dir, export.format)
+  say(f'exported step {step} to {export.dir} as {export.format}')
   return dict(step=step, dir=os.path.abspath(export.dir), dtype=export.dtype,
               format=export.format)
 

@@ -11,12 +11,14 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from openvlm_jax.console import UserError
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -57,14 +59,14 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves axis sizes (at most one -1, meaning 'the rest') against the device count."""
   shape = [int(sizes[axis]) for axis in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f'config.mesh: at most one axis may be -1, got {dict(sizes)}')
+    raise UserError(f'config.mesh: at most one axis may be -1, got {dict(sizes)}')
   known = math.prod(size for size in shape if size != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ValueError(f'config.mesh {dict(sizes)} does not divide {num_devices} devices')
+      raise UserError(f'config.mesh {dict(sizes)} does not divide {num_devices} devices')
     shape[shape.index(-1)] = num_devices // known
   if math.prod(shape) != num_devices:
-    raise ValueError(f'config.mesh {dict(sizes)} needs {math.prod(shape)} devices, '
+    raise UserError(f'config.mesh {dict(sizes)} needs {math.prod(shape)} devices, '
                      f'{num_devices} are present')
   return tuple(shape)
 
@@ -88,7 +90,7 @@ def device_grid(sizes: Mapping[str, int], devices: Sequence[Any]) -> np.ndarray:
     return np.asarray(devices).reshape(mesh_shape(sizes, len(devices)))
   num_slices = math.prod(dcn)
   if len(devices) % num_slices:
-    raise ValueError(f'config.mesh dcn sizes {dcn} do not divide {len(devices)} devices')
+    raise UserError(f'config.mesh dcn sizes {dcn} do not divide {len(devices)} devices')
   ici = mesh_shape(sizes, len(devices) // num_slices)
   process_is_granule = getattr(devices[0], 'slice_index', None) is None
   return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,

@@ -5,8 +5,8 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
-from absl import flags  # noqa: E402
 import jax  # noqa: E402
+from absl import flags  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 flags.FLAGS.mark_as_parsed()

@@ -1,6 +1,7 @@
 """Config files: presets, locking, and overrides through the command line."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 from configs import sft
 from openvlm_jax import config_lib
+from openvlm_jax.console import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,5 +55,42 @@ def test_command_line_rejects_a_mistyped_key(tmp_path):
       [sys.executable, '-m', 'openvlm_jax.main', '--config=configs/sft.py',
        f'--workdir={tmp_path}', '--config.optimizer.lrr=0.1'],
       cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert 'lrr' in result.stderr
+  assert result.returncode == 2
+  assert 'did you mean --config.optimizer.lr?' in result.stderr
+
+
+def test_check_config_names_the_first_bad_key():
+  config = sft.get_config('model=tiny')
+  config_lib.check_config(config)
+  for key, value, message in [
+      ('training.checkpoint_every', -2, 'must be >= 0 (0: never)'),
+      ('data.batch_size', 6, 'must be a multiple of optimizer.grad_accum_steps=4'),
+      ('data.on_bad_record', 'ignore', "must be 'skip' or 'raise'"),
+      ('lora.base_dtype', 'nf8', 'must be one of'),
+  ]:
+    bad = config.copy_and_resolve_references()
+    bad.optimizer.grad_accum_steps = 4 if key == 'data.batch_size' else 1
+    section, name = key.split('.')
+    bad[section][name] = value
+    with pytest.raises(UserError, match=re.escape(f'config.{key}={value!r}: {message}')):
+      config_lib.check_config(bad)
+
+
+def test_config_changes_and_which_ones_change_state_shapes():
+  config = sft.get_config('model=tiny')
+  saved = config.to_dict()
+  assert config_lib.config_changes(saved, config) == []  # tuples and lists compare equal
+  config.optimizer.lr = 1e-4
+  config.model.llm.num_layers = 3
+  changes = config_lib.config_changes(saved, config)
+  assert changes == [('model.llm.num_layers', 2, 3), ('optimizer.lr', 2e-3, 1e-4)]
+  assert [config_lib.changes_state_shapes(key) for key, _, _ in changes] == [True, False]
+  assert config_lib.changes_state_shapes('trainable')
+  assert not config_lib.changes_state_shapes('model.dtype')
+
+
+def test_explain_flag_error_suggests_the_closest_full_key():
+  argv = ['main', '--config=configs/sft.py:model=tiny', '--config.data.seqlen=9']
+  assert config_lib.explain_flag_error(argv, AttributeError('x')) == (
+      "--config.data.seqlen: the config has no key 'data.seqlen'; did you mean "
+      '--config.data.seq_len?')

@@ -10,7 +10,8 @@ import transformers
 from safetensors import safe_open
 
 from configs import sft
-from openvlm_jax import modes
+from openvlm_jax import checkpoint, modes
+from openvlm_jax.console import UserError
 from openvlm_jax.data import digits
 from openvlm_jax.hf import io as hf_io
 from openvlm_jax.training import setup
@@ -97,6 +98,33 @@ def test_export_bfloat16_of_a_chosen_step_loads_in_transformers(trained, tmp_pat
                exported, jax.device_get(step_1))
 
 
+def test_export_refuses_a_non_empty_folder_unless_told(trained, tmp_path):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.export.dir = str(tmp_path)
+  (tmp_path / 'notes.txt').write_text('keep me')
+  with pytest.raises(UserError, match=f'config.export.dir={tmp_path} is not empty'):
+    modes.export(config, workdir)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']
+  config.export.overwrite = True
+  assert modes.export(config, workdir)['step'] == NUM_STEPS
+  assert (tmp_path / 'config.json').exists() and (tmp_path / 'notes.txt').exists()
+
+
+def test_restore_params_reads_no_optimizer_state(trained, monkeypatch):
+  config, workdir = trained
+  run = setup.make_run(config, workdir, build_demo=False)
+  read = []
+  original = checkpoint.ocp.PyTreeCheckpointHandler.restore
+  monkeypatch.setattr(checkpoint.ocp.PyTreeCheckpointHandler, 'restore',
+                      lambda self, directory, args=None: read.append(args.item) or
+                      original(self, directory, args=args))
+  params, step = modes.restore_params(run)
+  assert step == NUM_STEPS and list(read[0]) == ['params']
+  assert jax.tree.structure(params) == jax.tree.structure(
+      setup.state_layout(run).abstract_state(run.model).params)
+
+
 def test_checkpoint_of_another_shape_names_the_tensor_and_both_shapes(trained):
   config, workdir = trained
   config = config.copy_and_resolve_references()
@@ -108,5 +136,6 @@ def test_checkpoint_of_another_shape_names_the_tensor_and_both_shapes(trained):
 
 def test_eval_without_a_checkpoint_says_so(trained, tmp_path):
   config, _ = trained
-  with pytest.raises(FileNotFoundError, match='no checkpoint in .*checkpoints'):
+  with pytest.raises(UserError, match=f'no checkpoint in {tmp_path / "empty"}'):
     modes.eval(config, str(tmp_path / 'empty'))
+  assert not (tmp_path / 'empty').exists()  # nothing was built there

@@ -49,7 +49,7 @@ def start(workdir, train_file, tokenizer_dir, num_devices, **env_vars):
           f'--config.data.batch_size={BATCH}', '--config.data.seq_len=32',
           '--config.optimizer.warmup_steps=0',
           f'--config.data.train_files=("{train_file}",)', f'--config.tokenizer={tokenizer_dir}',
-          '--alsologtostderr']
+          '--alsologtostderr', '--verbosity=0']
   env = dict(os.environ, JAX_PLATFORMS='cpu', TOKENIZERS_PARALLELISM='false',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}',
              **env_vars)

@@ -7,10 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import sft
-from openvlm_jax import checkpoint
-from openvlm_jax import config_lib
-from openvlm_jax import objectives
-from openvlm_jax import parallel
+from openvlm_jax import checkpoint, config_lib, objectives, parallel
 from openvlm_jax.models.vlm import VLM
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib

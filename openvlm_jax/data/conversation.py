@@ -31,6 +31,7 @@ def to_messages(
     num_images: int,
     image_token: str,
     num_image_tokens: int,
+    require_answer: bool = True,
 ) -> list[dict[str, str]]:
   """Turns LLaVA turns into chat messages with each image placeholder expanded.
 
@@ -41,13 +42,16 @@ def to_messages(
     image_token: the tokenizer's image token; each placeholder becomes `num_image_tokens`
       copies of it, as Hugging Face's LlavaProcessor does.
     num_image_tokens: sequence positions one image occupies.
+    require_answer: a conversation without an assistant turn is an error (training); False
+      for a question to be answered.
 
   Returns:
     `[{"role": "user"|"assistant"|"system", "content": str}]`.
 
   Raises:
-    ValueError: an empty conversation, a malformed turn, an unknown role, no assistant turn,
-      or a placeholder count that differs from `num_images`.
+    ValueError: an empty conversation, a malformed turn, an unknown role, an empty assistant
+      answer, no assistant turn (with `require_answer`), or a placeholder count that differs
+      from `num_images`.
   """
   if not isinstance(conversations, (list, tuple)) or not conversations:
     raise ValueError('empty conversation')
@@ -60,8 +64,10 @@ def to_messages(
       raise ValueError(f'turn {turn_index} has unknown role {turn["from"]!r}')
     if not isinstance(turn['value'], str):
       raise ValueError(f'turn {turn_index} "value" is not a string')  # noqa: TRY004 (bad data)
+    if role == 'assistant' and not turn['value'].strip():
+      raise ValueError(f'turn {turn_index} is an empty assistant answer')
     messages.append({'role': role, 'content': turn['value']})
-  if not any(message['role'] == 'assistant' for message in messages):
+  if require_answer and not any(message['role'] == 'assistant' for message in messages):
     raise ValueError('conversation has no assistant turn')
 
   num_placeholders = sum(message['content'].count(IMAGE_PLACEHOLDER) for message in messages)
@@ -156,3 +162,36 @@ def encode_conversation(
       num_image_tokens=num_image_tokens,
   )
   return tokenize_messages(tokenizer, messages)
+
+
+def encode_prompt(
+    conversations: Sequence[dict[str, Any]],
+    *,
+    tokenizer,
+    num_images: int,
+    num_image_tokens: int,
+) -> tuple[np.ndarray, str | None]:
+  """The prompt of a record's last answer, and that answer (the reference) if it has one.
+
+  The prompt is every turn before the last assistant turn (all turns when the record ends
+  with a question), rendered with the template's generation prompt: what the model sees
+  when it generates that answer.
+
+  Returns:
+    (`input_ids` int32 [num_tokens], the reference answer text or None).
+
+  Raises:
+    ValueError: as `to_messages`, or if there is no user turn to answer.
+  """
+  messages = to_messages(conversations, num_images=num_images,
+                         image_token=tokenizer_lib.image_token_of(tokenizer),
+                         num_image_tokens=num_image_tokens, require_answer=False)
+  reference = None
+  if messages[-1]['role'] == 'assistant':
+    reference = messages[-1]['content'].strip()
+    messages = messages[:-1]
+  if not any(message['role'] == 'user' for message in messages):
+    raise ValueError('no question (user turn) to answer')
+  text = _render(tokenizer, messages, add_generation_prompt=True)
+  input_ids = tokenizer(text, add_special_tokens=False)['input_ids']
+  return np.asarray(input_ids, dtype=np.int32), reference

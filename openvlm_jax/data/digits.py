@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from openvlm_jax.console import UserError
 from openvlm_jax.data import conversation
 
 TASKS = ('read', 'sum')
@@ -107,9 +108,9 @@ def build_digits_dataset(
     `{"train": path, "eval": path}` of the JSONL files.
   """
   if task not in TASKS:
-    raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+    raise UserError(f'task must be one of {TASKS}, got {task!r}')
   if not 0.0 < eval_fraction < 1.0:
-    raise ValueError(f'eval_fraction must be in (0, 1), got {eval_fraction}')
+    raise UserError(f'eval_fraction must be in (0, 1), got {eval_fraction}')
   from sklearn import datasets  # pylint: disable=g-import-not-at-top (slow import)
 
   paths = {split: os.path.join(out_dir, f'{split}.jsonl') for split in ('train', 'eval')}
@@ -141,6 +142,14 @@ def build_digits_dataset(
   with open(marker, 'w') as f:
     json.dump(options, f)
   return paths
+
+
+def built_files(out_dir: str) -> dict[str, str] | None:
+  """`{"train", "eval"}` paths of a finished build in `out_dir`, or None (nothing is built)."""
+  paths = {split: os.path.join(out_dir, f'{split}.jsonl') for split in ('train', 'eval')}
+  if os.path.exists(os.path.join(out_dir, _MARKER)) and all(map(os.path.exists, paths.values())):
+    return paths
+  return None
 
 
 def tokenizer_corpus(jsonl_paths: Iterable[str]) -> Iterator[str]:

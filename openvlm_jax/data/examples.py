@@ -72,22 +72,56 @@ def encode_tokens(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.nda
   return tokens
 
 
-def check_record(
-    record: dict[str, Any], spec: ExampleSpec, decode_images: bool = False
-) -> None:
-  """Validates a record: its conversation encodes and fits, its image files are sound.
+def _check_images(record: dict[str, Any], decode_images: bool) -> None:
+  for path_or_bytes in (record.get('image_paths') or []) + (record.get('image_bytes') or []):
+    images_lib.verify_image(path_or_bytes, full_decode=decode_images)
 
-  Images are checked with Pillow's cheap `verify()`, or decoded fully if `decode_images`.
+
+def check_record(
+    record: dict[str, Any], spec: ExampleSpec, decode_images: bool = True
+) -> None:
+  """Validates a training record: its conversation encodes and fits, its images are sound.
+
+  Images are decoded fully (`decode_images`), or checked with Pillow's cheap `verify()`,
+  which lets e.g. a truncated JPEG through.
 
   Raises:
     ValueError: with the reason (no file:line; callers add it).
   """
   encode_tokens(record, spec)
-  for path_or_bytes in (record.get('image_paths') or []) + (record.get('image_bytes') or []):
-    images_lib.verify_image(path_or_bytes, full_decode=decode_images)
+  _check_images(record, decode_images)
 
 
-def _load_images(record: dict[str, Any], spec: ExampleSpec) -> np.ndarray:
+def encode_prompt(record: dict[str, Any], spec: ExampleSpec) -> tuple[np.ndarray, str | None]:
+  """The prompt of a record's last answer and that answer (see `conversation.encode_prompt`).
+
+  Raises:
+    ValueError: for a bad conversation, too many images, or a prompt longer than `seq_len`.
+  """
+  num_images = _num_images(record)
+  if num_images > spec.max_images:
+    raise ValueError(f'{num_images} images, more than max_images={spec.max_images}')
+  prompt, reference = conversation.encode_prompt(
+      record['conversations'], tokenizer=spec.tokenizer, num_images=num_images,
+      num_image_tokens=spec.num_image_tokens)
+  if len(prompt) > spec.seq_len:
+    raise ValueError(f'a prompt of {len(prompt)} tokens, longer than seq_len={spec.seq_len}')
+  return prompt, reference
+
+
+def check_question(
+    record: dict[str, Any], spec: ExampleSpec, decode_images: bool = True
+) -> None:
+  """Validates a record to be answered: its prompt encodes and fits, its images are sound.
+
+  Raises:
+    ValueError: with the reason (no file:line; callers add it).
+  """
+  encode_prompt(record, spec)
+  _check_images(record, decode_images)
+
+
+def load_images(record: dict[str, Any], spec: ExampleSpec) -> np.ndarray:
   """Returns float32 [max_images, H, W, 3], zeros after the record's own images."""
   size = spec.image_size
   pixels = np.zeros((spec.max_images, size, size, 3), dtype=np.float32)
@@ -118,7 +152,7 @@ def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndar
   """
   try:
     tokens = encode_tokens(record, spec)
-    pixels = _load_images(record, spec)
+    pixels = load_images(record, spec)
   except ValueError as error:
     raise ValueError(f"{record.get('where', '?')}: {error}") from error
   num_tokens = len(tokens['input_ids'])

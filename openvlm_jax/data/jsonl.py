@@ -3,6 +3,8 @@
 A record is one JSON object per line:
   {"id": ..., "image": "a.png" | ["a.png", "b.png"] (optional),
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
+or, for questions to answer, {"id", "image", "question", "answer" (optional, the reference)},
+read as a one-turn conversation.
 Image paths are relative to the JSONL file's folder and may not leave it.
 
 The source keeps only (file, byte offset, line number) per record and parses the line when
@@ -58,6 +60,8 @@ def parse_record(line: str | bytes, path: str, line_no: int) -> dict[str, Any]:
   if not isinstance(record, dict):
     kind = type(record).__name__
     raise ValueError(f'{where}: a record must be a JSON object, got {kind}')  # noqa: TRY004
+  if 'conversations' not in record and 'question' in record:
+    record['conversations'] = question_turns(record, where)
   if 'conversations' not in record:
     raise ValueError(f"{where}: 'conversations' is missing")
   if not isinstance(record['conversations'], list):
@@ -76,10 +80,22 @@ def parse_record(line: str | bytes, path: str, line_no: int) -> dict[str, Any]:
     raise ValueError(f'{where}: {error}') from error
   return {
       'where': where,
-      'id': record.get('id'),
+      'id': (str(record['id']) if record.get('id') is not None
+             else f'{os.path.basename(path)}:{line_no}'),
       'conversations': record['conversations'],
       'image_paths': image_paths,
   }
+
+
+def question_turns(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
+  """The LLaVA turns of a question record `{"question", "answer" (optional)}`."""
+  question, answer = record['question'], record.get('answer')
+  if not isinstance(question, str):
+    raise ValueError(f"{where}: 'question' must be a string")  # noqa: TRY004 (bad data)
+  turns = [{'from': 'human', 'value': question}]
+  if answer is not None:
+    turns.append({'from': 'gpt', 'value': str(answer)})
+  return turns
 
 
 def iter_lines(path: str) -> Iterator[tuple[int, int, bytes]]:

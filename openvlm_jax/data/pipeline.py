@@ -20,13 +20,14 @@ Without Orbax, `train_iter.get_state()` / `train_iter.set_state(state)` do the s
 import dataclasses
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 from absl import logging
 
+from openvlm_jax.console import UserError
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import jsonl
 
@@ -58,7 +59,7 @@ class BadRecords:
 
 def _check_policy(on_bad_record: str) -> None:
   if on_bad_record not in ('skip', 'raise'):
-    raise ValueError(f"on_bad_record must be 'skip' or 'raise', got {on_bad_record!r}")
+    raise UserError(f"on_bad_record must be 'skip' or 'raise', got {on_bad_record!r}")
 
 
 class SubsetSource:
@@ -89,7 +90,7 @@ def _as_source(data: Sequence[str] | str | Any) -> Any:
     data = [data]
   if isinstance(data, (list, tuple)):
     if not data:
-      raise ValueError('no data files given')
+      raise UserError('no data files given')
     return jsonl.index_jsonl([os.fspath(path) for path in data])
   return data
 
@@ -102,7 +103,8 @@ def load_records(
     shard_index: int = 0,
     shard_count: int = 1,
     bad_records: BadRecords | None = None,
-    decode_images: bool = False,
+    decode_images: bool = True,
+    check: Callable[..., None] = examples_lib.check_record,
 ) -> SubsetSource:
   """Validates this shard's records; returns a source of the good ones.
 
@@ -118,8 +120,11 @@ def load_records(
     shard_index, shard_count: this process's share, e.g. `jax.process_index()`,
       `jax.process_count()`.
     bad_records: filled with the skipped records, if given.
-    decode_images: decode every image fully while validating (slower; catches e.g. truncated
-      JPEGs, which Pillow's cheap `verify()` lets through).
+    decode_images: decode every image fully while validating (the default: catches e.g.
+      truncated JPEGs, which Pillow's cheap `verify()` lets through); False for very large
+      sets, where a late decode failure is then dropped and logged once.
+    check: validates one record (`examples.check_record` for training,
+      `examples.check_question` for records to answer).
 
   Returns:
     A `SubsetSource` over the records that passed.
@@ -135,12 +140,12 @@ def load_records(
     try:
       record = source[index]  # raises with its location
       try:
-        examples_lib.check_record(record, spec, decode_images)
+        check(record, spec, decode_images)
       except ValueError as error:
         raise ValueError(f'{source.where(index)}: {error}') from error
     except ValueError as error:
       if on_bad_record == 'raise':
-        raise
+        raise UserError(str(error)) from error
       bad_records.add(str(error))
       continue
     kept.append(index)
@@ -150,20 +155,29 @@ def load_records(
     logging.info('Data (shard %d/%d): %d records, none skipped.', shard_index, shard_count,
                  bad_records.total)
   if not kept:
-    raise ValueError(f'no usable records in {source!r} for shard {shard_index}/{shard_count}')
+    raise UserError(f'no usable records in {source!r} for shard {shard_index}/{shard_count}'
+                    + (f'; the first bad one: {bad_records.first_offenders[0]}'
+                       if bad_records.first_offenders else ''))
   return SubsetSource(source, kept)
 
 
 def _example_or_skip(
-    record: dict[str, Any], spec: examples_lib.ExampleSpec, on_bad_record: str
+    record: dict[str, Any], spec: examples_lib.ExampleSpec, on_bad_record: str,
+    logged: set[str]
 ) -> dict[str, Any] | None:
-  """`make_example`, or None (dropped downstream, logged) on failure under 'skip'."""
+  """`make_example`, or None (dropped downstream) on failure under 'skip'.
+
+  A drop is logged the first time (`logged` holds the records already reported), not once
+  per epoch.
+  """
   try:
     return examples_lib.make_example(record, spec)
   except ValueError as error:
     if on_bad_record == 'raise':
-      raise
-    logging.error('Skipping a bad record found while reading: %s', error)
+      raise UserError(str(error)) from error
+    if record.get('where') not in logged:
+      logged.add(record.get('where'))
+      logging.warning('Skipping a bad record found while reading: %s', error)
     return None
 
 
@@ -188,18 +202,13 @@ def make_dataset(
     shard_count: int = 1,
     drop_remainder: bool = True,
     bad_records: BadRecords | None = None,
-    decode_images: bool = False,
+    decode_images: bool = True,
 ) -> grain.IterDataset:
   """Builds the Grain dataset of batches for this process (see `make_iterator`)."""
   spec = examples_lib.ExampleSpec(
-      tokenizer=tokenizer,
-      image_size=image_size,
-      image_mean=tuple(image_mean),
-      image_std=tuple(image_std),
-      num_image_tokens=num_image_tokens,
-      seq_len=seq_len,
-      max_images=max_images,
-  )
+      tokenizer=tokenizer, image_size=image_size, image_mean=tuple(image_mean),
+      image_std=tuple(image_std), num_image_tokens=num_image_tokens, seq_len=seq_len,
+      max_images=max_images)
   source = load_records(
       files, spec, on_bad_record=on_bad_record, shard_index=shard_index,
       shard_count=shard_count, bad_records=bad_records, decode_images=decode_images)
@@ -209,7 +218,8 @@ def make_dataset(
   if num_epochs != 1:
     dataset = dataset.repeat(num_epochs)  # None: forever
   dataset = dataset.map(
-      functools.partial(_example_or_skip, spec=spec, on_bad_record=on_bad_record))
+      functools.partial(_example_or_skip, spec=spec, on_bad_record=on_bad_record,
+                        logged=set()))
   # Records mapped to None (skipped) are dropped here.
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))
   if worker_count > 0:
@@ -258,7 +268,7 @@ def make_eval_batches(
     shard_index: int = 0,
     shard_count: int = 1,
     bad_records: BadRecords | None = None,
-    decode_images: bool = False,
+    decode_images: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields every (good) record of this shard once, in file order, in batches.
 
@@ -268,28 +278,44 @@ def make_eval_batches(
   the records that passed validation (see `load_records`).
   """
   spec = examples_lib.ExampleSpec(
-      tokenizer=tokenizer,
-      image_size=image_size,
-      image_mean=tuple(image_mean),
-      image_std=tuple(image_std),
-      num_image_tokens=num_image_tokens,
-      seq_len=seq_len,
-      max_images=max_images,
-  )
+      tokenizer=tokenizer, image_size=image_size, image_mean=tuple(image_mean),
+      image_std=tuple(image_std), num_image_tokens=num_image_tokens, seq_len=seq_len,
+      max_images=max_images)
   source = load_records(
       files, spec, on_bad_record=on_bad_record, shard_index=shard_index,
       shard_count=shard_count, bad_records=bad_records, decode_images=decode_images)
-  rows = []
-  for index in range(len(source)):
-    example = _example_or_skip(source[index], spec, on_bad_record)
+  yield from batches_of(source, range(len(source)), spec, batch_size,
+                        on_bad_record=on_bad_record)
+
+
+def batches_of(
+    source: Any,
+    indices: Sequence[int],
+    spec: examples_lib.ExampleSpec,
+    batch_size: int,
+    *,
+    num_batches: int | None = None,
+    on_bad_record: str = 'skip',
+) -> Iterator[dict[str, np.ndarray]]:
+  """Batches of the validated records `source[i]`, i in `indices`, in order, padded.
+
+  `num_batches` (default: as many as the records need) adds all-padding batches at the end,
+  so every process of a multi-host eval runs the same number of steps.
+  """
+  rows, emitted, logged = [], 0, set()
+  for index in indices:
+    example = _example_or_skip(source[index], spec, on_bad_record, logged)
     if example is None:
       continue
     rows.append(example)
     if len(rows) == batch_size:
       yield _eval_batch(rows, spec, batch_size)
-      rows = []
+      rows, emitted = [], emitted + 1
   if rows:
     yield _eval_batch(rows, spec, batch_size)
+    emitted += 1
+  for _ in range((num_batches or emitted) - emitted):
+    yield _eval_batch([], spec, batch_size)
 
 
 def _eval_batch(

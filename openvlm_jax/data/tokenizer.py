@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from openvlm_jax.console import UserError
+
 PAD_TOKEN = '<pad>'
 BOS_TOKEN = '<s>'
 EOS_TOKEN = '</s>'
@@ -100,4 +102,4 @@ def image_token_of(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
     return str(image_token)
   if IMAGE_TOKEN in tokenizer.get_vocab():
     return IMAGE_TOKEN
-  raise ValueError(f'The tokenizer has no image token ({IMAGE_TOKEN!r} is not in its vocab).')
+  raise UserError(f'The tokenizer has no image token ({IMAGE_TOKEN!r} is not in its vocab).')

@@ -11,6 +11,7 @@ from typing import Any
 import transformers
 from absl import logging
 
+from openvlm_jax.console import UserError
 from openvlm_jax.models.config import LLMConfig, RopeScaling, VisionConfig, VLMConfig
 
 TEXT_MODEL_TYPES = ('llama', 'qwen2', 'mistral')
@@ -28,7 +29,7 @@ def _as_hf_config(config: HFConfig) -> transformers.PretrainedConfig:
   config = dict(config)
   model_type = config.pop('model_type', None)
   if model_type is None:
-    raise ValueError(f"config has no 'model_type': {sorted(config)}")
+    raise UserError(f"config has no 'model_type': {sorted(config)}")
   return transformers.AutoConfig.for_model(model_type, **config)
 
 
@@ -46,16 +47,16 @@ def _rope(text_config: transformers.PretrainedConfig) -> tuple[float, RopeScalin
         high_freq_factor=float(params['high_freq_factor']),
         original_max_position_embeddings=int(params['original_max_position_embeddings']),
     )
-  raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' and 'llama3'")
+  raise UserError(f"rope_type {rope_type!r} is not supported; only 'default' and 'llama3'")
 
 
 def llm_config_from_hf(config: HFConfig) -> LLMConfig:
   """LLMConfig of a llama | qwen2 | mistral config (a bare *ForCausalLM or a text_config)."""
   config = _as_hf_config(config)
   if config.model_type not in TEXT_MODEL_TYPES:
-    raise ValueError(f'text model_type {config.model_type!r} is not one of {TEXT_MODEL_TYPES}')
+    raise UserError(f'text model_type {config.model_type!r} is not one of {TEXT_MODEL_TYPES}')
   if getattr(config, 'mlp_bias', False):
-    raise ValueError('mlp_bias=True is not supported')
+    raise UserError('mlp_bias=True is not supported')
   if config.model_type == 'mistral' and getattr(config, 'sliding_window', None):
     logging.warning(
         'mistral sliding_window=%s is ignored: attention is full over the sequence',
@@ -100,14 +101,14 @@ def vision_config_from_hf(
   if config.model_type in DUAL_ENCODER_TYPES:
     config = config.vision_config
   if config.model_type not in VISION_MODEL_TYPES:
-    raise ValueError(f'vision model_type {config.model_type!r} is not one of {VISION_MODEL_TYPES}')
+    raise UserError(f'vision model_type {config.model_type!r} is not one of {VISION_MODEL_TYPES}')
   kind = 'clip' if config.model_type == 'clip_vision_model' else 'siglip'
   if feature_layer is None:
     feature_layer = -2 if kind == 'clip' else -1
   if feature_select is None:
     feature_select = 'default' if kind == 'clip' else 'full'
   if kind == 'siglip' and feature_select == 'default':
-    raise ValueError(
+    raise UserError(
         "vision_feature_select_strategy='default' drops the first token, which for SigLIP (no "
         "class token) is an image patch; only 'full' is supported with SigLIP"
     )
@@ -141,15 +142,15 @@ def vlm_config_from_hf(
   """VLMConfig of a LlavaConfig; `overrides` set VLMConfig fields (dtype, remat, ...)."""
   config = _as_hf_config(config)
   if config.model_type != 'llava':
-    raise ValueError(f"expected model_type 'llava', got {config.model_type!r}")
+    raise UserError(f"expected model_type 'llava', got {config.model_type!r}")
   try:
     feature_layer = int(config.vision_feature_layer)
   except TypeError:
-    raise ValueError(
+    raise UserError(
         f'vision_feature_layer={config.vision_feature_layer!r}: only one layer is supported'
     ) from None
   if config.projector_hidden_act != 'gelu':
-    raise ValueError(
+    raise UserError(
         f"projector_hidden_act {config.projector_hidden_act!r} is not supported; only 'gelu'"
     )
   llm = llm_config_from_hf(config.text_config)
@@ -184,7 +185,7 @@ def config_from_hf(
     return llm_config_from_hf(config)
   if config.model_type in VISION_MODEL_TYPES + DUAL_ENCODER_TYPES:
     return vision_config_from_hf(config, preprocessor=preprocessor)
-  raise ValueError(f'unsupported model_type {config.model_type!r}')
+  raise UserError(f'unsupported model_type {config.model_type!r}')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def llm_config_to_hf(config: LLMConfig) -> transformers.PretrainedConfig:
   }
   if config.qkv_bias:
     if config.rope_scaling is not None:
-      raise ValueError('llama3 rope scaling with q/k/v biases has no Hugging Face equivalent')
+      raise UserError('llama3 rope scaling with q/k/v biases has no Hugging Face equivalent')
     return transformers.Qwen2Config(**common)
   return transformers.LlamaConfig(**common, attention_bias=False, mlp_bias=False)
 
@@ -244,7 +245,7 @@ def vision_config_to_hf(config: VisionConfig) -> transformers.PretrainedConfig:
 def vlm_config_to_hf(config: VLMConfig) -> transformers.LlavaConfig:
   """A LlavaConfig for our VLM config (mlp2x_gelu projector only, as in transformers)."""
   if config.projector != 'mlp2x_gelu':
-    raise ValueError(
+    raise UserError(
         f"projector {config.projector!r} has no LlavaForConditionalGeneration equivalent; "
         "only 'mlp2x_gelu' exports"
     )

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from openvlm_jax.console import UserError
 from openvlm_jax.models import layers as model_layers
 from openvlm_jax.models.config import LLMConfig, VisionConfig, VLMConfig
 from openvlm_jax.models.llm import LLM
@@ -268,11 +269,11 @@ def hf_to_params(
     candidates = [prefix + name for prefix in PREFIXES[kind][rule.component]]
     found = [full for full in candidates if full in available]
     if not found:
-      raise ValueError(f'tensor {candidates[0]} is missing from the checkpoint')
+      raise UserError(f'tensor {candidates[0]} is missing from the checkpoint')
     tensor = tensors[found[0]]
     want = rule.layout.hf_shape(shape)
     if tuple(tensor.shape) != want:
-      raise ValueError(f'tensor {found[0]} has shape {tuple(tensor.shape)}, expected {want}')
+      raise UserError(f'tensor {found[0]} has shape {tuple(tensor.shape)}, expected {want}')
     consumed.add(found[0])
     return rule.layout.to_param(np.asarray(tensor), shape).astype(param_dtype)
 

@@ -25,6 +25,7 @@ import numpy as np
 import transformers
 from safetensors import safe_open
 
+from openvlm_jax.console import UserError
 from openvlm_jax.hf import config as hf_config
 from openvlm_jax.hf import convert
 from openvlm_jax.models import layers as model_layers
@@ -56,7 +57,7 @@ class SafetensorsReader(Mapping):
       files = sorted(path.name for path in folder.glob('*.safetensors'))
       weight_map = None
     if not files:
-      raise ValueError(f'{folder}: no *.safetensors files (only safetensors are supported)')
+      raise UserError(f'{folder}: no *.safetensors files (only safetensors are supported)')
     self._folder = folder
     if weight_map is None:
       weight_map = {}
@@ -123,12 +124,12 @@ def load_pretrained(
   folder = Path(folder)
   raw_config = _read_json(folder / 'config.json')
   if raw_config is None:
-    raise ValueError(f'{folder}: config.json is missing')
+    raise UserError(f'{folder}: config.json is missing')
   preprocessor = _read_preprocessor(folder)
   if raw_config.get('model_type') == 'llava':
     config = hf_config.vlm_config_from_hf(raw_config, preprocessor, **overrides)
   elif overrides:
-    raise ValueError(f'config overrides {sorted(overrides)} apply to LLaVA checkpoints only')
+    raise UserError(f'config overrides {sorted(overrides)} apply to LLaVA checkpoints only')
   else:
     config = hf_config.config_from_hf(raw_config, preprocessor)
   params = convert.hf_to_params(SafetensorsReader(folder), config, place=_placer(shardings))
@@ -198,7 +199,7 @@ def parse_size(size: int | str) -> int:
     return size
   match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*', size, re.IGNORECASE)
   if not match:
-    raise ValueError(f'cannot parse size {size!r}; use e.g. 5GB or 200MB')
+    raise UserError(f'cannot parse size {size!r}; use e.g. 5GB or 200MB')
   units = {'': 1, 'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9,
            'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30}
   return int(float(match.group(1)) * units[(match.group(2) or '').upper()])
@@ -224,7 +225,7 @@ def save_pretrained(
       model-0000k-of-0000n.safetensors with model.safetensors.index.json.
   """
   if dtype not in SAVE_DTYPES:
-    raise ValueError(f'dtype {dtype!r} not one of {sorted(SAVE_DTYPES)}')
+    raise UserError(f'dtype {dtype!r} not one of {sorted(SAVE_DTYPES)}')
   if getattr(config, 'lora', None) is not None:  # merged: W + A B * alpha / rank, dequantized
     params = lora_lib.merge_params(params, config.lora)
     config = dataclasses.replace(config, lora=None)
@@ -340,9 +341,9 @@ def load_config(folder: str | os.PathLike, **overrides: Any) -> VLMConfig:
   folder = Path(folder)
   raw_config = _read_json(folder / 'config.json')
   if raw_config is None:
-    raise ValueError(f'{folder}: config.json is missing')
+    raise UserError(f'{folder}: config.json is missing')
   if raw_config.get('model_type') != 'llava':
-    raise ValueError(f"{folder}/config.json: model_type {raw_config.get('model_type')!r} is not "
+    raise UserError(f"{folder}/config.json: model_type {raw_config.get('model_type')!r} is not "
                      "'llava'; for a bare decoder and vision tower use llm_from + vision_from")
   return hf_config.vlm_config_from_hf(
       raw_config, _read_preprocessor(folder), **overrides)

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from safetensors.numpy import save_file
 
+from openvlm_jax.console import UserError
 from openvlm_jax.hf import convert
 from openvlm_jax.hf import io as hf_io
 from openvlm_jax.models import lora as lora_lib
@@ -112,14 +113,14 @@ def save_adapter(folder: str | os.PathLike, config: VLMConfig, params: Mapping, 
     The adapter config written.
   """
   if config.lora is None:
-    raise ValueError('the model has no LoRA config; export merged weights instead')
+    raise UserError('the model has no LoRA config; export merged weights instead')
   tensors, targets, modules_to_save = adapter_tensors(params, config, full_components)
   if not targets and not modules_to_save:
-    raise ValueError('no LoRA adapters found in params')
+    raise UserError('no LoRA adapters found in params')
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   if dtype not in hf_io.SAVE_DTYPES:
-    raise ValueError(f'dtype {dtype!r} not one of {sorted(hf_io.SAVE_DTYPES)}')
+    raise UserError(f'dtype {dtype!r} not one of {sorted(hf_io.SAVE_DTYPES)}')
   save_dtype = hf_io.SAVE_DTYPES[dtype]
   save_file({name: np.ascontiguousarray(t.astype(save_dtype)) for name, t in tensors.items()},
             folder / 'adapter_model.safetensors', metadata={'format': 'pt'})

@@ -16,6 +16,7 @@ example (a prefix LM, as in PaliGemma): positions < prefix_len[b] also see each 
 
 from typing import NamedTuple
 
+import einops
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
@@ -132,11 +133,9 @@ def _per_device(kernel, query, key, value, per_example):
 
 def _xla_attention(query, key, value, mask, scale):
   """Grouped-query attention in jnp; see `dot_product_attention`."""
-  batch, q_len, num_heads, head_dim = query.shape
   num_kv_heads = key.shape[2]
-  group = num_heads // num_kv_heads
   # Heads are laid out kv-head major, as in Hugging Face's repeat_kv.
-  grouped_query = query.reshape(batch, q_len, num_kv_heads, group, head_dim)
+  grouped_query = einops.rearrange(query, 'b q (k g) d -> b q k g d', k=num_kv_heads)
   logits = jnp.einsum(
       'bqkgd,bskd->bkgqs', grouped_query, key, preferred_element_type=jnp.float32
   )  # [batch, kv_heads, group, q_len, kv_len]
@@ -145,11 +144,11 @@ def _xla_attention(query, key, value, mask, scale):
     if mask.shape[1] == 1:
       grouped_mask = mask[:, :, None]  # [batch, 1, 1, q_len, kv_len]
     else:
-      grouped_mask = mask.reshape(batch, num_kv_heads, group, *mask.shape[2:])
+      grouped_mask = einops.rearrange(mask, 'b (k g) q s -> b k g q s', k=num_kv_heads)
     logits = jnp.where(grouped_mask, logits, _MASKED_LOGIT)
   probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
   out = jnp.einsum('bkgqs,bskd->bqkgd', probs, value, preferred_element_type=jnp.float32)
-  return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+  return einops.rearrange(out, 'b q k g d -> b q (k g) d').astype(query.dtype)
 
 
 def dot_product_attention(

@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from openvlm_jax.models import lora
-from openvlm_jax.models import matmul
+from openvlm_jax.models import lora, matmul
 
 Dtype = Any
 LogicalNames = tuple[str | None, ...]

@@ -4,6 +4,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from openvlm_jax.console import UserError
 from openvlm_jax.objectives import quantitative, sft
 
 _OBJECTIVES = ('sft', 'quantitative')
@@ -17,11 +18,11 @@ def get(objective: Any, tokenizer: Any = None) -> Callable:
   """
   name = objective if isinstance(objective, str) else objective.name
   if name not in _OBJECTIVES:
-    raise ValueError(f'config.objective.name={name!r} is unknown; known: {sorted(_OBJECTIVES)}')
+    raise UserError(f'config.objective.name={name!r} is unknown; known: {sorted(_OBJECTIVES)}')
   if name == 'sft':
     return sft.loss_terms
   if tokenizer is None:
-    raise ValueError("objective 'quantitative' needs the tokenizer (for its number tokens)")
+    raise UserError("objective 'quantitative' needs the tokenizer (for its number tokens)")
   options = {} if isinstance(objective, str) else objective
   return functools.partial(
       quantitative.loss_terms, number_tokens=quantitative.number_tokens_of(tokenizer),

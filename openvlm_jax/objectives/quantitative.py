@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from openvlm_jax.console import UserError
 from openvlm_jax.objectives import sft
 
 NTL_KINDS = ('was', 'mse')
@@ -65,7 +66,7 @@ def number_tokens_of(tokenizer: Any) -> NumberTokens:
       (token_id, value) for token, token_id in tokenizer.get_vocab().items()
       if token_id not in special_ids and (value := token_number_value(token)) is not None)
   if not found:
-    raise ValueError('the tokenizer has no number tokens; the quantitative objective needs them')
+    raise UserError('the tokenizer has no number tokens; the quantitative objective needs them')
   ids, values = zip(*found)
   return NumberTokens(ids=np.asarray(ids, np.int32), values=np.asarray(values, np.float32))
 
@@ -85,7 +86,7 @@ def number_token_loss(logits: jax.Array, targets: jax.Array, number_tokens: Numb
      is_number float32 [batch, seq]).
   """
   if kind not in NTL_KINDS:
-    raise ValueError(f'ntl_kind must be one of {NTL_KINDS}, got {kind!r}')
+    raise UserError(f'ntl_kind must be one of {NTL_KINDS}, got {kind!r}')
   lookup_size = int(number_tokens.ids.max()) + 1
   value_of_id = np.full((lookup_size,), np.nan, np.float32)
   value_of_id[number_tokens.ids] = number_tokens.values

@@ -1,20 +1,16 @@
 """The training loop, top to bottom: data, model, restore or init, compile, then step."""
 
-import os
 import signal
 import time
 
-from absl import logging
 import jax
 import ml_collections
-import numpy as np
 import tqdm
+from absl import logging
 
-from openvlm_jax import checkpoint
-from openvlm_jax import evaluation
-from openvlm_jax import inference
-from openvlm_jax import objectives
-from openvlm_jax import parallel
+from openvlm_jax import checkpoint, config_lib, objectives, parallel
+from openvlm_jax import workdir as workdir_lib
+from openvlm_jax.console import UserError, say
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import setup
 from openvlm_jax.training import state as state_lib
@@ -23,97 +19,121 @@ from openvlm_jax.training.logger import MetricLogger
 
 
 class PreemptionFlag:
-  """Set by SIGTERM; the loop then saves a checkpoint and stops cleanly."""
+  """Set by the first SIGTERM: the loop then saves a checkpoint and stops cleanly.
+
+  A second SIGTERM (e.g. while a save hangs) ends the process at once.
+  """
 
   def __init__(self):
     self.raised = False
-    signal.signal(signal.SIGTERM, self._handle)
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    if self.raised:
+      raise SystemExit(128 + signum)
     logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    say('SIGTERM received: saving a checkpoint and stopping.')
     self.raised = True
 
-
-def evaluate(eval_step, params, run: setup.Run) -> dict:
-  """Runs `eval_step` over the whole eval split once. Returns host floats."""
-  totals = {}
-  for local_batch in setup.eval_batches(run):
-    sums = eval_step(params, parallel.global_batch(local_batch, run.mesh))
-    for name, value in jax.device_get(sums).items():
-      totals[name] = totals.get(name, 0.0) + float(value)
-  num_tokens = max(totals.get('num_tokens', 0.0), 1.0)
-  return dict(
-      loss=totals['loss_sum'] / num_tokens,
-      perplexity=float(np.exp(totals['nll_sum'] / num_tokens)),
-      token_accuracy=totals['correct_tokens'] / num_tokens,
-      exact_match=totals['exact_match'] / max(totals['num_examples'], 1.0),
-      num_examples=totals['num_examples'],
-  )
+  def restore(self) -> None:
+    """Puts the previous SIGTERM handler back."""
+    signal.signal(signal.SIGTERM, self._previous)
 
 
-def answer(run: setup.Run, params, questions: list[dict]) -> list[dict]:
-  """Generated answers to `questions` (see `inference.read_questions`), by config.predict."""
-  return inference.answer_questions(
-      run.model, params, run.tokenizer, questions,
-      sampling=inference.sampling_from_config(run.config.predict, run.tokenizer),
-      batch_size=run.config.predict.batch_size, max_images=run.config.data.max_images,
-      seed=run.config.seed)
+def is_due(step: int, every: int, last_step: int) -> bool:
+  """Whether an action run every `every` steps (0: never) happens at `step`."""
+  return every > 0 and (step % every == 0 or step == last_step)
 
 
-def evaluate_generated(params, run: setup.Run) -> dict:
-  """Decodes an answer to every eval question and scores it as a user would.
+def check_finite(step: int, metrics: dict, manager) -> None:
+  """Stops the run if step `step` produced a non-finite loss or gradient norm.
 
-  Exact match, numeric exact match and relaxed accuracy (ChartQA's 5% rule) of the generated
-  text, next to the teacher-forced metrics of `evaluate`.
+  Nothing of that step is saved, so the newest checkpoint on disk is the last good one.
   """
-  questions = [q for path in run.eval_files for q in inference.read_questions(path)]
-  answers = answer(run, params, questions)
-  scores = evaluation.score_answers([a['answer'] for a in answers],
-                                    [q['answer'] or '' for q in questions])
-  return {f'generated_{name}': scores[name]
-          for name in ('exact_match', 'numeric_exact_match', 'relaxed_accuracy')}
+  if bool(jax.device_get(metrics['finite'])):
+    return
+  values = {name: float(jax.device_get(metrics[name])) for name in ('loss', 'grad_norm')}
+  good = manager.latest_step()
+  kept = f'the last good checkpoint is step {good}' if good is not None else 'no checkpoint'
+  raise UserError(f"step {step}: non-finite loss or gradient norm (loss {values['loss']:.4g}, "
+                  f"grad norm {values['grad_norm']:.4g}); stopped without saving ({kept}). "
+                  'Lower --config.optimizer.lr or raise warmup_steps, then rerun to resume.')
+
+
+def check_resume_config(manager, step: int, config: ml_collections.ConfigDict) -> None:
+  """Prints how the config differs from the checkpoint's; refuses changes of state shapes."""
+  saved = checkpoint.saved_config(manager, step)
+  if saved is None:
+    return
+  changes = config_lib.config_changes(saved, config)
+  if not changes:
+    return
+  lines = [f'  {key}: {workdir_lib.describe(old)} -> {workdir_lib.describe(new)}'
+           for key, old, new in changes]
+  refused = [key for key, _, _ in changes if config_lib.changes_state_shapes(key)]
+  if refused:
+    shown = '; '.join(line.strip() for line, (key, _, _) in zip(lines, changes) if key in refused)
+    raise UserError(f'resuming step {step} of {manager.directory} with {shown} would not fit the '
+                    'saved state; undo the change or use a new --workdir')
+  say(f'Resuming step {step} with a changed config:\n' + '\n'.join(lines))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`. Returns the final eval metrics."""
-  os.makedirs(workdir, exist_ok=True)
   training = config.training
+  parallel.initialize_distributed()  # before anything asks JAX about processes
+  lock = workdir_lib.WorkdirLock(workdir)
+  if jax.process_index() == 0:
+    lock.acquire()
+    workdir_lib.check_writable(workdir)
+    workdir_lib.check_writable(checkpoint.checkpoint_dir(workdir))
+  try:
+    return _train(config, workdir, training)
+  finally:
+    lock.release()
 
+
+def _train(config: ml_collections.ConfigDict, workdir: str,
+           training: ml_collections.ConfigDict) -> dict:
   # ---- Data, tokenizer and model -------------------------------------------------------------
   run = setup.make_run(config, workdir)
-  train_iterator = setup.train_iterator(run)
+  if jax.process_index() == 0:
+    say(f'Config written to {workdir_lib.write_config(workdir, config)}')
   loss_terms = objectives.get(config.objective, run.tokenizer)
   layout = setup.state_layout(run)
   trainable, optimizer, shardings = layout.trainable, layout.optimizer, layout.shardings
+  # Eval data is validated now, before any training, under the same bad-record policy.
+  evaluator = None
+  if run.has_eval:
+    evaluator = setup.make_evaluator(run, setup.load_eval_set(run), loss_terms, shardings.params)
+  train_iterator = setup.train_iterator(run)
 
   # ---- Restore or initialise -----------------------------------------------------------------
-  manager = checkpoint.make_manager(workdir, training.keep_checkpoints)
+  saved = checkpoint.saved_steps(workdir)
+  manager = checkpoint.make_manager(workdir, training.keep_checkpoints, protect=saved[-1:])
   latest_step = manager.latest_step()
   if latest_step is not None:
+    check_resume_config(manager, latest_step, config)
     state = checkpoint.restore(manager, latest_step, layout.abstract_state(run.model),
                                train_iterator)
-    logging.info('Resumed from %s at step %d', manager.directory, latest_step)
+    say(f'Resumed from {manager.directory} at step {latest_step}')
   else:
     params = setup.pretrained_params(run, shardings.params)
     state = state_lib.create_train_state(run.model, optimizer, layout.example_inputs, shardings,
                                          jax.random.key(config.seed), params=params)
   num_trained, num_params = optimizer_lib.count_trainable(state.params, trainable(state.params))
-  logging.info('Model: %.2fM parameters, %.2fM trained (%.1f%%)', num_params / 1e6,
-               num_trained / 1e6, 100 * num_trained / max(num_params, 1))
+  say(f'Model: {num_params / 1e6:.2f}M parameters, {num_trained / 1e6:.2f}M trained '
+      f'({100 * num_trained / max(num_params, 1):.1f}%)')
 
   # ---- Compile -------------------------------------------------------------------------------
-  batch_sharding = parallel.batch_sharding(run.mesh)
   train_step = jax.jit(
       step_lib.make_train_step(run.model, loss_terms, optimizer, layout.schedule,
                                config.optimizer.grad_accum_steps, trainable=trainable),
-      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(step_lib.make_eval_step(run.model, loss_terms),
-                      in_shardings=(shardings.params, batch_sharding))
+      in_shardings=(shardings, parallel.batch_sharding(run.mesh)),
+      out_shardings=(shardings, None), donate_argnums=0)
   # Traced under the mesh and rules, so the models' activation constraints take effect.
   train_step = parallel.under_mesh(train_step, run.mesh, config.logical_axis_rules)
-  eval_step = parallel.under_mesh(eval_step, run.mesh, config.logical_axis_rules)
 
   # ---- Loop ----------------------------------------------------------------------------------
   logger = MetricLogger(workdir)
@@ -122,55 +142,79 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = tqdm.tqdm(total=training.num_steps, initial=start_step, unit='step', dynamic_ncols=True,
                        disable=not training.progress_bar or jax.process_index() != 0)
   window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-  eval_metrics, eval_step_done = {}, None
-  for step in range(start_step + 1, training.num_steps + 1):
-    local_batch = next(train_iterator)
-    window_tokens += int(local_batch['attention_mask'].sum()) * jax.process_count()
-    window_steps += 1
-    state, metrics = train_step(state, parallel.global_batch(local_batch, run.mesh))
-    progress.update(1)
+  eval_metrics, eval_step_done, unchecked = {}, None, None
+  try:
+    for step in range(start_step + 1, training.num_steps + 1):
+      local_batch = next(train_iterator)
+      window_tokens += int(local_batch['attention_mask'].sum()) * jax.process_count()
+      window_steps += 1
+      state, metrics = train_step(state, parallel.global_batch(local_batch, run.mesh))
+      # The previous step is done by now; checking it does not stall the one just started.
+      if unchecked is not None:
+        check_finite(*unchecked, manager)
+      unchecked = (step, metrics)
+      checkpoint.raise_failed_save(manager)  # a failed background save surfaces at once
+      progress.update(1)
 
-    if step % training.log_every == 0 or step == training.num_steps:
-      scalars = {name: float(value) for name, value in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - window_start
-      scalars['tokens_per_second'] = window_tokens / elapsed
-      scalars['seconds_per_step'] = elapsed / window_steps
-      window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
-      logger.write(step, 'train', scalars)
-      progress.set_postfix(loss=f"{scalars['loss']:.4f}",
-                           tok_s=f"{scalars['tokens_per_second']:.0f}")
-      progress.write(f"step {step:6d}  loss {scalars['loss']:.6f}  "
-                     f"grad_norm {scalars['grad_norm']:.4f}  lr {scalars['learning_rate']:.3e}  "
-                     f"tokens/s {scalars['tokens_per_second']:.0f}")
+      if step % training.log_every == 0 or step == training.num_steps:
+        check_finite(step, metrics, manager)
+        scalars = {name: float(value) for name, value in jax.device_get(metrics).items()
+                   if name != 'finite'}
+        elapsed = time.perf_counter() - window_start
+        scalars['tokens_per_second'] = window_tokens / elapsed
+        scalars['seconds_per_step'] = elapsed / window_steps
+        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+        logger.write(step, 'train', scalars)
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                             tok_s=f"{scalars['tokens_per_second']:.0f}")
+        progress.write(f"step {step:6d}  loss {scalars['loss']:.6f}  "
+                       f"grad_norm {scalars['grad_norm']:.4f}  lr {scalars['learning_rate']:.3e}  "
+                       f"tokens/s {scalars['tokens_per_second']:.0f}")
 
-    if run.has_eval and (step % training.eval_every == 0 or step == training.num_steps):
-      eval_metrics, eval_step_done = evaluate(eval_step, state.params, run), step
-      if training.eval_generate:
-        eval_metrics.update(evaluate_generated(state.params, run))
-      logger.write(step, 'eval', eval_metrics)
-      generated = (f"  generated: exact match {eval_metrics['generated_exact_match']:.4f}, "
-                   f"relaxed accuracy {eval_metrics['generated_relaxed_accuracy']:.4f}"
-                   if training.eval_generate else '')
-      progress.write(f"step {step:6d}  eval loss {eval_metrics['loss']:.4f}  "
-                     f"token accuracy {eval_metrics['token_accuracy']:.4f}  "
-                     f"exact match {eval_metrics['exact_match']:.4f} "
-                     f"({eval_metrics['num_examples']:.0f} examples){generated}")
+      # A checkpoint is saved before the eval of the same step, so an eval failure loses nothing.
+      if is_due(step, training.checkpoint_every, training.num_steps) or preemption.raised:
+        check_finite(step, metrics, manager)
+        checkpoint.save(manager, step, state, train_iterator, config, force=preemption.raised)
+      if preemption.raised:
+        break
 
-    if step % training.checkpoint_every == 0 or step == training.num_steps or preemption.raised:
-      checkpoint.save(manager, step, state, train_iterator, config, force=preemption.raised)
-    if preemption.raised:
-      break
-
-  progress.close()
-  manager.wait_until_finished()
-  manager.close()
-  logger.close()
-  setup.close(run, train_iterator)
-  if (run.has_eval and not preemption.raised
+      if evaluator is not None and is_due(step, training.eval_every, training.num_steps):
+        check_finite(step, metrics, manager)
+        eval_metrics, eval_step_done = evaluate(evaluator, state.params, training), step
+        logger.write(step, 'eval', eval_metrics)
+        progress.write(format_eval(step, eval_metrics))
+    if unchecked is not None:
+      check_finite(*unchecked, manager)
+    checkpoint.raise_failed_save(manager, wait=True)
+  finally:
+    progress.close()
+    preemption.restore()
+    logger.close()
+    setup.close(run, train_iterator)
+    try:
+      manager.close()  # waits for the saves still running
+    except Exception:  # noqa: BLE001  (an error is already on its way up)
+      logging.info('closing the checkpoint manager failed', exc_info=True)
+  if (evaluator is not None and not preemption.raised
       and eval_step_done != int(jax.device_get(state.step))):
-    eval_metrics = evaluate(eval_step, state.params, run)
-  if eval_metrics:
-    logging.info('Final held-out exact match: %.4f over %d examples',
-                 eval_metrics['exact_match'], eval_metrics['num_examples'])
+    eval_metrics = evaluator.teacher_forced(state.params)
   return eval_metrics
 
+
+def evaluate(evaluator, params, training: ml_collections.ConfigDict) -> dict:
+  """Teacher-forced metrics, plus generated-answer scores when `training.eval_generate`."""
+  metrics = evaluator.teacher_forced(params)
+  if training.eval_generate:
+    metrics.update(evaluator.generated(params))
+  return metrics
+
+
+def format_eval(step: int, metrics: dict) -> str:
+  """The console line of one evaluation."""
+  line = (f"step {step:6d}  eval loss {metrics['loss']:.4f}  "
+          f"token accuracy {metrics['token_accuracy']:.4f}  "
+          f"exact match {metrics['exact_match']:.4f} ({metrics['num_examples']:.0f} examples)")
+  if 'generated_exact_match' in metrics:
+    line += (f"  generated: exact match {metrics['generated_exact_match']:.4f}, "
+             f"relaxed accuracy {metrics['generated_relaxed_accuracy']:.4f}")
+  return line

@@ -1,28 +1,30 @@
 """What a run is made of before its first step: files, tokenizer, model config, mesh, data."""
 
 import dataclasses
+import math
 import os
-from typing import Any, Iterator, Optional
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
 
-from absl import logging
 import flax.linen as nn
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import transformers
+from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from openvlm_jax import checkpoint
-from openvlm_jax import config_lib
-from openvlm_jax import parallel
-from openvlm_jax.data import digits
-from openvlm_jax.data import pipeline
+from openvlm_jax import checkpoint, config_lib, inference, parallel
+from openvlm_jax.console import UserError
+from openvlm_jax.data import digits, pipeline
+from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.hf import io as hf_io
 from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.vlm import VLM
+from openvlm_jax.training import evaluate
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib
 
@@ -45,12 +47,22 @@ class Run:
     return bool(self.eval_files)
 
 
-def data_files(config: ml_collections.ConfigDict, workdir: str) -> tuple[tuple, tuple]:
-  """The train and eval JSONL files; the embedded digits dataset when none are configured."""
+def data_files(config: ml_collections.ConfigDict, workdir: str,
+               build_demo: bool = True) -> tuple[tuple, tuple]:
+  """The train and eval JSONL files; the embedded digits dataset when none are configured.
+
+  With `build_demo` False (every mode but train) the demo data must already be there.
+  """
   if config.data.train_files:
     return tuple(config.data.train_files), tuple(config.data.eval_files)
-  built = digits.build_digits_dataset(os.path.join(workdir, 'data'), seed=config.seed,
-                                      task=config.data.demo_task)
+  folder = os.path.join(workdir, 'data')
+  if not build_demo:
+    built = digits.built_files(folder)
+    if built is None:
+      raise UserError(f'no demo data in {folder}: this workdir was not trained with the '
+                      'embedded demo; pass its --config.data.train_files')
+    return (built['train'],), (built['eval'],)
+  built = digits.build_digits_dataset(folder, seed=config.seed, task=config.data.demo_task)
   return (built['train'],), (built['eval'],)
 
 
@@ -87,62 +99,106 @@ def model_config(config: ml_collections.ConfigDict,
     return hf_io.load_config(model.init_from, **runtime)
   if model.llm_from or model.vision_from:
     if not (model.llm_from and model.vision_from):
-      raise ValueError('config.model.llm_from and config.model.vision_from go together')
+      raise UserError('config.model.llm_from and config.model.vision_from go together')
     return hf_io.load_stage1_config(model.llm_from, model.vision_from, projector=model.projector,
                                     image_token_id=image_token_id, **runtime)
   return config_lib.build_vlm_config(model, vocab_size=len(tokenizer),
                                      image_token_id=image_token_id, lora=config.lora)
 
 
-def make_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Starts the multi-host runtime, builds the mesh, and resolves files, tokenizer and model."""
+def make_run(config: ml_collections.ConfigDict, workdir: str, build_demo: bool = True) -> Run:
+  """Starts the multi-host runtime, builds the mesh, and resolves files, tokenizer and model.
+
+  `build_demo` False (eval, predict, export) reads the demo data and tokenizer a training
+  run left in the workdir instead of building them.
+  """
   parallel.initialize_distributed()
   mesh = parallel.make_mesh(config.mesh)
+  check_batch_fits_mesh(config, mesh)
   # Process 0 builds the demo data and tokenizer (once per workdir); the others then load them.
   if jax.process_index() == 0:
-    load_or_train_tokenizer(config, workdir, data_files(config, workdir)[0])
+    load_or_train_tokenizer(config, workdir, data_files(config, workdir, build_demo)[0])
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('openvlm_jax: data and tokenizer ready')
-  train_files, eval_files = data_files(config, workdir)
+  train_files, eval_files = data_files(config, workdir, build_demo)
   tokenizer = load_or_train_tokenizer(config, workdir, train_files)
   vlm_config = model_config(config, tokenizer)
+  check_sequence_fits_images(config, vlm_config)
   return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
              vlm_config=vlm_config, model=VLM(vlm_config), train_files=train_files,
              eval_files=eval_files)
 
 
-def _pipeline_arguments(run: Run) -> dict:
-  """Arguments shared by the train and eval pipelines."""
-  vision = run.vlm_config.vision
-  data = run.config.data
-  return dict(tokenizer=run.tokenizer, image_size=vision.image_size, image_mean=vision.image_mean,
-              image_std=vision.image_std, num_image_tokens=vision.num_image_tokens,
-              seq_len=data.seq_len, max_images=data.max_images,
-              on_bad_record=data.on_bad_record, shard_index=jax.process_index(),
-              shard_count=jax.process_count())
+def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """The global batch (and each micro-batch) must split over processes and batch devices."""
+  batch_size, accum = config.data.batch_size, config.optimizer.grad_accum_steps
+  batch_devices = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
+  micro = batch_size // accum
+  if batch_size % jax.process_count() or micro % batch_devices:
+    raise UserError(
+        f'config.data.batch_size={batch_size}: with grad_accum_steps={accum}, each micro-batch '
+        f'of {micro} rows must split over the {batch_devices} devices of the mesh axes '
+        f'{parallel.BATCH_AXES} (and over {jax.process_count()} processes); use a multiple of '
+        f'{batch_devices * accum}')
+
+
+def check_sequence_fits_images(config: ml_collections.ConfigDict, vlm_config: VLMConfig) -> None:
+  """`data.seq_len` must leave room for text after `max_images` images' tokens."""
+  image_tokens = config.data.max_images * vlm_config.vision.num_image_tokens
+  if config.data.seq_len <= image_tokens:
+    raise UserError(
+        f'config.data.seq_len={config.data.seq_len}: {config.data.max_images} image(s) of '
+        f'{vlm_config.vision.num_image_tokens} tokens take {image_tokens}; raise seq_len or '
+        'lower data.max_images')
+
+
+def example_spec(run: Run) -> examples_lib.ExampleSpec:
+  """How the run turns records into examples: tokenizer, image preprocessing, sizes."""
+  vision, data = run.vlm_config.vision, run.config.data
+  return examples_lib.ExampleSpec(
+      tokenizer=run.tokenizer, image_size=vision.image_size, image_mean=tuple(vision.image_mean),
+      image_std=tuple(vision.image_std), num_image_tokens=vision.num_image_tokens,
+      seq_len=data.seq_len, max_images=data.max_images)
 
 
 def local_batch_size(run: Run) -> int:
   """This process's rows of the global batch."""
   global_size = run.config.data.batch_size
   if global_size % jax.process_count():
-    raise ValueError(f'config.data.batch_size={global_size} does not split over '
+    raise UserError(f'config.data.batch_size={global_size} does not split over '
                      f'{jax.process_count()} processes')
   return global_size // jax.process_count()
 
 
 def train_iterator(run: Run) -> Iterator[dict]:
   """The shuffled, repeating, checkpointable iterator over this process's training batches."""
-  data = run.config.data
-  return pipeline.make_iterator(run.train_files, batch_size=local_batch_size(run), shuffle=True,
-                                seed=data.shuffle_seed, num_epochs=None,
-                                worker_count=data.worker_count, **_pipeline_arguments(run))
+  data, spec = run.config.data, example_spec(run)
+  return pipeline.make_iterator(
+      run.train_files, batch_size=local_batch_size(run), shuffle=True, seed=data.shuffle_seed,
+      num_epochs=None, worker_count=data.worker_count, tokenizer=spec.tokenizer,
+      image_size=spec.image_size, image_mean=spec.image_mean, image_std=spec.image_std,
+      num_image_tokens=spec.num_image_tokens, seq_len=spec.seq_len, max_images=spec.max_images,
+      on_bad_record=data.on_bad_record, decode_images=data.decode_images,
+      shard_index=jax.process_index(), shard_count=jax.process_count())
 
 
-def eval_batches(run: Run) -> Iterator[dict]:
-  """Every eval example once, in order, the last batch padded (see `example_mask`)."""
-  return pipeline.make_eval_batches(run.eval_files, batch_size=local_batch_size(run),
-                                    **_pipeline_arguments(run))
+def load_eval_set(run: Run, files: Sequence[str] | None = None,
+                  check: Callable[..., None] = examples_lib.check_record) -> evaluate.EvalSet:
+  """The run's eval records (or `files`), validated once under `data.on_bad_record`."""
+  return evaluate.load_eval_set(run.eval_files if files is None else files, example_spec(run),
+                                on_bad_record=run.config.data.on_bad_record, check=check)
+
+
+def make_evaluator(run: Run, eval_set: evaluate.EvalSet, loss_terms: Callable,
+                   param_shardings: Any) -> evaluate.Evaluator:
+  """The run's evaluator over `eval_set`: one eval step and one generate function."""
+  config = run.config
+  return evaluate.Evaluator(
+      model=run.model, loss_terms=loss_terms, eval_set=eval_set, mesh=run.mesh,
+      rules=config.logical_axis_rules, param_shardings=param_shardings,
+      local_batch_size=local_batch_size(run),
+      sampling=inference.sampling_from_config(config.predict, run.tokenizer),
+      generate_batch_size=config.predict.batch_size, seed=config.seed)
 
 
 def example_inputs(run: Run) -> dict:

@@ -2,6 +2,7 @@
 
 from typing import Callable
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
     rows = array.shape[0]
     if rows % num_micro:
       raise ValueError(f'batch of {rows} rows does not split into {num_micro} micro-batches')
-    return array.reshape(rows // num_micro, num_micro, *array.shape[1:]).swapaxes(0, 1)
+    return einops.rearrange(array, '(rows micro) ... -> micro rows ...', micro=num_micro)
   return jax.tree.map(split, batch)
 
 
@@ -89,13 +90,16 @@ def make_train_step(model: nn.Module, loss_terms: Callable, optimizer: optax.Gra
     updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
     params = optimizer_lib.merge_trainable(
         optax.apply_updates(train_params, updates), frozen_params, mask)
+    grad_norm = optax.tree.norm(grads)
     metrics = dict(
         loss=terms['loss_sum'] / num_tokens,
         nll=terms['nll_sum'] / num_tokens,
         token_accuracy=terms['correct_tokens'] / num_tokens,
         num_tokens=terms['num_tokens'],
-        grad_norm=optax.tree.norm(grads),
+        grad_norm=grad_norm,
         learning_rate=schedule(state.step),
+        # The loop stops on a False here and saves nothing of this step.
+        finite=jnp.isfinite(terms['loss_sum']) & jnp.isfinite(grad_norm),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

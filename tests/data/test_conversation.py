@@ -83,6 +83,10 @@ def test_missing_placeholder_is_prepended_to_first_user_turn(tokenizer):
      r'1 <image> placeholder\(s\) in the text but 0 image'),
     ([{'from': 'robot', 'value': 'x'}], 0, 'unknown role'),
     ([{'from': 'human'}], 0, '"from" and "value"'),
+    ([{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': ''}], 0,
+     'turn 1 is an empty assistant answer'),
+    ([{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': ' \n '}], 0,
+     'turn 1 is an empty assistant answer'),
 ])
 def test_bad_conversations_raise(tokenizer, turns, num_images, reason):
   with pytest.raises(ValueError, match=reason):
@@ -100,3 +104,22 @@ def test_token_straddling_the_reply_start_is_a_target(tokenizer):
       turns, tokenizer=spaced, num_images=0, num_image_tokens=1)
   # "ĠThe" starts at the template's space but carries the reply's first word.
   assert _masked_text(spaced, tokens) == [' The end|']
+
+
+def test_prompt_is_every_turn_before_the_last_answer(tokenizer):
+  turns = [{'from': 'human', 'value': 'What is 2+2?'}, {'from': 'gpt', 'value': '4'},
+           {'from': 'human', 'value': 'And 3+3?'}, {'from': 'gpt', 'value': ' 6 '}]
+  prompt, reference = conversation.encode_prompt(turns, tokenizer=tokenizer, num_images=0,
+                                                 num_image_tokens=2)
+  assert reference == '6'
+  tokens = conversation.encode_conversation(turns, tokenizer=tokenizer, num_images=0,
+                                            num_image_tokens=2)
+  # The prompt is the full conversation's tokens up to the last answer's first token.
+  last_answer_start = np.flatnonzero(np.diff(tokens['loss_mask']) == 1)[-1] + 1
+  np.testing.assert_array_equal(prompt, tokens['input_ids'][:last_answer_start])
+  question_only, none = conversation.encode_prompt(turns[:1], tokenizer=tokenizer, num_images=0,
+                                                   num_image_tokens=2)
+  assert none is None and len(question_only) < len(prompt)
+  with pytest.raises(ValueError, match='no question'):
+    conversation.encode_prompt([{'from': 'gpt', 'value': '4'}], tokenizer=tokenizer,
+                               num_images=0, num_image_tokens=2)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openvlm_jax import inference
 from openvlm_jax.data import conversation
 from openvlm_jax.data import examples as examples_lib
 
@@ -75,10 +74,10 @@ def test_prefix_len_is_the_index_of_the_first_answer_token(tokenizer, name):
 
 def test_single_turn_prefix_is_the_inference_prompt(tokenizer):
   turns, num_images = RECORDS['one_turn_one_image']
-  record = {'conversations': turns, 'image_bytes': [_png(7)]}
+  record = {'conversations': turns, 'image_bytes': [_png(7)] * num_images}
   example = examples_lib.make_example(record, _spec(tokenizer))
-  prompt = inference.encode_prompt(tokenizer, turns[0]['value'], num_images=num_images,
-                                   num_image_tokens=NUM_IMAGE_TOKENS)
+  prompt, reference = examples_lib.encode_prompt(record, _spec(tokenizer))
+  assert reference == turns[1]['value']
   np.testing.assert_array_equal(example['input_ids'][:int(example['prefix_len'])], prompt)
 
 

@@ -16,7 +16,19 @@ def test_parse_record_resolves_paths_relative_to_the_file(tmp_path, make_record)
   assert parsed['id'] == 'r3'
   assert parsed['image_paths'] == [str(tmp_path / 'images/3.png'), str(tmp_path / 'images/4.png')]
   no_image = jsonl.parse_record(json.dumps({'conversations': []}), path, 1)
-  assert no_image['image_paths'] == []
+  assert no_image['image_paths'] == [] and no_image['id'] == 'data.jsonl:1'  # line, not offset
+
+
+def test_question_records_read_as_one_turn_conversations(tmp_path):
+  path = str(tmp_path / 'q.jsonl')
+  question = jsonl.parse_record(json.dumps({'question': 'How much?', 'answer': 4}), path, 3)
+  assert question['id'] == 'q.jsonl:3'
+  assert question['conversations'] == [{'from': 'human', 'value': 'How much?'},
+                                       {'from': 'gpt', 'value': '4'}]
+  unanswered = jsonl.parse_record(json.dumps({'id': 'a', 'question': 'Why?'}), path, 4)
+  assert unanswered['conversations'] == [{'from': 'human', 'value': 'Why?'}]
+  with pytest.raises(ValueError, match=f"^{path}:5: 'question' must be a string"):
+    jsonl.parse_record(json.dumps({'question': 5}), path, 5)
 
 
 @pytest.mark.parametrize('line, reason', [

@@ -14,9 +14,10 @@ import sqlite_utils
 
 from configs import sft
 from openvlm_jax import modes
+from openvlm_jax.console import UserError
 from openvlm_jax.data import digits
 
-NUM_QUESTIONS = 3
+NUM_QUESTIONS = 4  # answered; two more lines are bad
 
 
 @pytest.fixture(scope='module')
@@ -33,25 +34,42 @@ def predicted(tmp_path_factory):
 
   # Two LLaVA records (with reference answers) and one plain question without an answer.
   with open(files['eval']) as f:
-    lines = f.readlines()[:NUM_QUESTIONS - 1]
+    lines = f.readlines()[:2]
   shutil.copy(root / 'data' / json.loads(lines[0])['image'], root / 'data' / 'gauge.png')
   lines.append(json.dumps({'id': 'gauge', 'image': 'gauge.png',
                            'question': '<image>\nWhat pressure does the gauge show?'}) + '\n')
+  # Skipped and counted: a missing image (line 4) and a malformed line (line 5).
+  lines.append(json.dumps({'id': 'lost', 'image': 'missing.png', 'question': '<image>\nHow?'})
+               + '\n')
+  lines.append('{"question": \n')
+  # No id: named by its line, 6.
+  lines.append(json.dumps({'image': 'gauge.png', 'question': '<image>\nAnd this one?'}) + '\n')
   questions_file = root / 'data' / 'questions.jsonl'
   questions_file.write_text(''.join(lines))
   config.predict.input = str(questions_file)
-  config.predict.batch_size = 2  # two batches, the second padded
+  config.predict.batch_size = 3  # two batches, the second padded
   config.predict.max_new_tokens = 4
+  raising = config.copy_and_resolve_references()
+  raising.data.on_bad_record = 'raise'
+  with pytest.raises(UserError, match=f'{questions_file}:4: image not found'):
+    modes.predict(raising, workdir)
+  # An output folder that cannot be made is found before anything is generated.
+  (root / 'a-file').write_text('')
+  config.predict.output = str(root / 'a-file' / 'answers.jsonl')
+  with pytest.raises(UserError, match='cannot write to .*a-file'):
+    modes.predict(config, workdir)
+  config.predict.output = ''
   result = modes.predict(config, workdir)
   return result, root
 
 
 def test_predict_writes_jsonl_and_a_database_sqlite_utils_reads(predicted):
   result, root = predicted
-  assert result['step'] == 1
+  assert result['step'] == 1 and result['skipped'] == 2
   with open(result['output']) as f:
     rows = [json.loads(line) for line in f]
-  assert [row['id'] for row in rows][-1] == 'gauge' and len(rows) == NUM_QUESTIONS
+  assert [row['id'] for row in rows][-2:] == ['gauge', 'questions.jsonl:6']
+  assert len(rows) == NUM_QUESTIONS
   db = sqlite_utils.Database(result['database'])
   assert {'runs', 'examples', 'predictions', 'metrics'} <= set(db.table_names())
   run = db['runs'].get(result['run_id'])
@@ -63,10 +81,10 @@ def test_predict_writes_jsonl_and_a_database_sqlite_utils_reads(predicted):
   predictions = {row['example_id']: row for row in db['predictions'].rows}
   assert [predictions[row['id']]['answer'] for row in rows] == [row['answer'] for row in rows]
   assert predictions['gauge']['relaxed_match'] is None  # no reference to score against
-  assert all(predictions[row['id']]['relaxed_match'] in (0, 1) for row in rows[:-1])
+  assert all(predictions[row['id']]['relaxed_match'] in (0, 1) for row in rows[:-2])
   assert all(0 < row['num_tokens'] <= 4 for row in predictions.values())
   metrics = {row['name']: row['value'] for row in db['metrics'].rows}
-  assert metrics['num_examples'] == NUM_QUESTIONS - 1
+  assert metrics['num_examples'] == NUM_QUESTIONS - 2  # those with a reference answer
   assert 0.0 <= metrics['relaxed_accuracy'] <= 1.0
   assert [row['example_id'] for row in db['examples'].search('pressure')] == ['gauge']
   assert db['predictions'].detect_fts() == 'predictions_fts'

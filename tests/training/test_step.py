@@ -4,9 +4,7 @@ import jax
 import numpy as np
 
 from configs import sft
-from openvlm_jax import config_lib
-from openvlm_jax import objectives
-from openvlm_jax import parallel
+from openvlm_jax import config_lib, objectives, parallel
 from openvlm_jax.models.vlm import VLM
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib

@@ -1,0 +1,138 @@
+"""One evaluation room: teacher-forced metrics and generated answers over the same examples.
+
+The records are read and validated once, through the data pipeline and under
+`config.data.on_bad_record` (`load_eval_set`). Teacher-forced eval and generated eval both
+read that one set, so they cover the same examples and report the same `num_examples`. A
+generated answer is the answer to a record's last assistant turn, prompted with every turn
+before it; teacher-forced exact match asks every assistant token of the record to be the
+argmax. The jitted eval step and generate function are built once per run, under the mesh
+(one generate shape: `predict.batch_size` rows, prompts padded to the set's longest).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from openvlm_jax import evaluation, inference, parallel
+from openvlm_jax.data import examples as examples_lib
+from openvlm_jax.data import pipeline
+from openvlm_jax.training import step as step_lib
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """Validated records with the prompt and reference answer of each."""
+
+  records: pipeline.SubsetSource  # the records that passed validation, in file order
+  spec: examples_lib.ExampleSpec
+  prompts: list[np.ndarray]  # token ids [prompt_len_i] of each record's last question
+  references: list[str | None]  # its answer, None for a question without one
+  bad_records: pipeline.BadRecords
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def record(self, index: int) -> dict[str, Any]:
+    """Record `index` as `jsonl.parse_record` returns it."""
+    return self.records[index]
+
+
+def load_eval_set(files: Sequence[str] | Any, spec: examples_lib.ExampleSpec, *,
+                  on_bad_record: str,
+                  check: Callable[..., None] = examples_lib.check_record) -> EvalSet:
+  """Reads and validates every record of `files` once (every process reads all of them).
+
+  `check` is `examples.check_record` for eval files (the whole conversation must fit, as in
+  training) or `examples.check_question` for questions to answer.
+  """
+  bad_records = pipeline.BadRecords()
+  records = pipeline.load_records(files, spec, on_bad_record=on_bad_record,
+                                  bad_records=bad_records, check=check)
+  prompts, references = [], []
+  for index in range(len(records)):
+    prompt, reference = examples_lib.encode_prompt(records[index], spec)
+    prompts.append(prompt)
+    references.append(reference)
+  return EvalSet(records=records, spec=spec, prompts=prompts, references=references,
+                 bad_records=bad_records)
+
+
+class Evaluator:
+  """Teacher-forced and generated metrics of parameters over one `EvalSet`.
+
+  Built once per run: its eval step and generate function compile on first use and are
+  reused by every later evaluation.
+  """
+
+  def __init__(self, *, model: Any, loss_terms: Callable, eval_set: EvalSet, mesh: Any,
+               rules: Sequence[tuple], param_shardings: Any, local_batch_size: int,
+               sampling: inference.SamplingConfig, generate_batch_size: int, seed: int = 0):
+    self.eval_set = eval_set
+    self.mesh = mesh
+    self.local_batch_size = local_batch_size
+    self.generate_batch_size = generate_batch_size
+    self.seed = seed
+    self.tokenizer = eval_set.spec.tokenizer
+    self.eval_step = jax.jit(step_lib.make_eval_step(model, loss_terms),
+                             in_shardings=(param_shardings, parallel.batch_sharding(mesh)))
+    self.generate = inference.make_generate_fn(model, sampling)
+    self._run_eval_step = parallel.under_mesh(self.eval_step, mesh, rules)
+    self._run_generate = parallel.under_mesh(self.generate, mesh, rules)
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.eval_set)
+
+  def teacher_forced(self, params: Any) -> dict[str, float]:
+    """Loss, perplexity, token accuracy and exact match under teacher forcing."""
+    process, num_processes = jax.process_index(), jax.process_count()
+    indices = range(process, len(self.eval_set), num_processes)  # this process's rows
+    rows_per_process = math.ceil(len(self.eval_set) / num_processes)
+    num_batches = math.ceil(rows_per_process / self.local_batch_size)
+    totals = {}
+    for local_batch in pipeline.batches_of(self.eval_set.records, indices, self.eval_set.spec,
+                                           self.local_batch_size, num_batches=num_batches):
+      sums = self._run_eval_step(params, parallel.global_batch(local_batch, self.mesh))
+      for name, value in jax.device_get(sums).items():
+        totals[name] = totals.get(name, 0.0) + float(value)
+    num_tokens = max(totals.get('num_tokens', 0.0), 1.0)
+    return dict(
+        loss=totals['loss_sum'] / num_tokens,
+        perplexity=float(np.exp(totals['nll_sum'] / num_tokens)),
+        token_accuracy=totals['correct_tokens'] / num_tokens,
+        exact_match=totals['exact_match'] / max(totals['num_examples'], 1.0),
+        num_examples=totals['num_examples'],
+    )
+
+  def answers(self, params: Any) -> list[dict[str, Any]]:
+    """A generated `{"answer", "num_tokens"}` for every record, in order."""
+    if not len(self.eval_set):
+      return []
+    spec = self.eval_set.spec
+    return inference.answer_prompts(
+        self._run_generate, params, self.tokenizer, self.eval_set.prompts,
+        lambda index: examples_lib.load_images(self.eval_set.record(index), spec),
+        batch_size=self.generate_batch_size,
+        prompt_len=max(len(prompt) for prompt in self.eval_set.prompts), seed=self.seed)
+
+  def generated(self, params: Any) -> dict[str, float]:
+    """Exact match, numeric exact match and relaxed accuracy of generated answers."""
+    return score(self.answers(params), self.eval_set.references)
+
+
+def score(answers: Sequence[dict[str, Any]], references: Sequence[str | None],
+          prefix: str = 'generated_') -> dict:
+  """Scores of the answers that have a reference, and how many were scored (`num_examples`).
+
+  Names carry `prefix`, so they sit beside the teacher-forced metrics of the same eval.
+  """
+  pairs = [(answer['answer'], reference) for answer, reference in zip(answers, references)
+           if reference is not None]
+  if not pairs:
+    return {}
+  scores = evaluation.score_answers(*zip(*pairs))
+  return {f'{prefix}{name}': value for name, value in scores.items()}

@@ -1,0 +1,106 @@
+"""The loop with bad eval data: validated up front, skipped and counted, one set for both evals."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import sft
+from openvlm_jax import checkpoint, inference, modes
+from openvlm_jax.console import UserError
+from openvlm_jax.data import digits
+
+NUM_GOOD = 6
+
+
+def _write_eval_file(root, eval_file):
+  """`NUM_GOOD` good eval records, then four bad ones of different kinds."""
+  with open(eval_file) as f:
+    good = f.readlines()[:NUM_GOOD]
+  record = json.loads(good[0])
+  empty_answer = dict(record, conversations=[record['conversations'][0],
+                                             {'from': 'gpt', 'value': '  '}])
+  too_long = dict(record, conversations=[record['conversations'][0],
+                                         {'from': 'gpt', 'value': ' '.join(['7'] * 200)}])
+  lines = good[:3] + ['{"id": "broken", "conversations": [\n'] + good[3:] + [
+      json.dumps(dict(record, image='images/missing.png')) + '\n',
+      json.dumps(empty_answer) + '\n', json.dumps(too_long) + '\n']
+  path = root / 'eval_with_bad_lines.jsonl'
+  path.write_text(''.join(lines))
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp('loop')
+  built = digits.build_digits_dataset(str(root / 'data'), image_size=16)
+  return built['train'], _write_eval_file(root / 'data', built['eval'])
+
+
+def _config(train_file, eval_file):
+  config = sft.get_config('model=tiny,steps=2')
+  config.data.train_files = (train_file,)
+  config.data.eval_files = (eval_file,)
+  config.data.batch_size = 8
+  config.training.eval_every = 1
+  config.training.checkpoint_every = 1
+  config.training.progress_bar = False
+  config.predict.max_new_tokens = 3
+  return config
+
+
+def test_bad_eval_lines_are_skipped_and_both_evals_count_the_same_examples(
+    files, tmp_path, monkeypatch):
+  traces = []
+  original = inference.sample_tokens
+  monkeypatch.setattr(inference, 'sample_tokens',
+                      lambda *args: traces.append(1) or original(*args))
+  result = modes.train(_config(*files), str(tmp_path))
+  assert result['num_examples'] == result['generated_num_examples'] == NUM_GOOD
+  with open(tmp_path / 'metrics.jsonl') as f:
+    evals = [row for row in map(json.loads, f) if row['split'] == 'eval']
+  assert [row['step'] for row in evals] == [1, 2]
+  assert all(row['num_examples'] == row['generated_num_examples'] == NUM_GOOD for row in evals)
+  # The generate function was traced once (it samples twice per trace), not once per eval.
+  assert len(traces) == 2
+  assert checkpoint.saved_steps(str(tmp_path)) == [1, 2]
+
+
+def test_raise_policy_stops_before_training_naming_the_line(files, tmp_path):
+  config = _config(*files)
+  config.data.on_bad_record = 'raise'
+  with pytest.raises(UserError, match=r'eval_with_bad_lines\.jsonl:4: malformed JSON'):
+    modes.train(config, str(tmp_path))
+  assert checkpoint.saved_steps(str(tmp_path)) == []  # nothing was trained
+
+
+def test_an_eval_file_with_no_usable_record_stops_at_start(files, tmp_path):
+  config = _config(*files)
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('\n')
+  config.data.eval_files = (str(empty),)
+  with pytest.raises(UserError, match='no usable records'):
+    modes.train(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not checkpoint.saved_steps(
+      str(tmp_path / 'run'))
+
+
+def test_resume_refuses_a_change_of_model_shape_and_warns_of_others(files, tmp_path, capsys):
+  config = _config(*files)
+  config.data.eval_files = ()
+  config.training.num_steps = 1
+  modes.train(config, str(tmp_path))
+  assert json.loads((tmp_path / 'config.json').read_text())['training']['num_steps'] == 1
+  wider = config.copy_and_resolve_references()
+  wider.model.llm.intermediate_size = 96
+  with pytest.raises(UserError, match=r'model\.llm\.intermediate_size: 64 -> 96'):
+    modes.train(wider, str(tmp_path))
+  longer = config.copy_and_resolve_references()
+  longer.training.num_steps = 2
+  longer.optimizer.lr = 1e-3
+  capsys.readouterr()
+  modes.train(longer, str(tmp_path))
+  printed = capsys.readouterr().out
+  assert 'optimizer.lr: 0.002 -> 0.001' in printed and 'training.num_steps: 1 -> 2' in printed
+  assert checkpoint.saved_steps(str(tmp_path)) == [1, 2]
+  assert np.isfinite(json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[-1])['loss'])
