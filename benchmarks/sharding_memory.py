@@ -12,17 +12,22 @@ Prints a table and writes JSON. On a 2-core CPU each compile takes about a minut
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from openvlm_jax import checkpoint  # noqa: E402
-from openvlm_jax import config_lib  # noqa: E402
-from openvlm_jax import objectives  # noqa: E402
-from openvlm_jax import parallel  # noqa: E402
+from configs import sft  # noqa: E402
+from openvlm_jax import (
+  checkpoint,  # noqa: E402
+  config_lib,  # noqa: E402
+  objectives,  # noqa: E402
+  parallel,  # noqa: E402
+)
 from openvlm_jax.models.vlm import VLM  # noqa: E402
 from openvlm_jax.training import optimizer as optimizer_lib  # noqa: E402
 from openvlm_jax.training import state as state_lib  # noqa: E402
@@ -37,8 +42,8 @@ GIB = 2 ** 30
 
 
 def one_billion_config(seq_len: int, remat: str):
-  """The base config with the ~1B model; bfloat16 compute, float32 master weights."""
-  config = config_lib.base_config('tiny')
+  """The SFT recipe with the ~1B model; bfloat16 compute, float32 master weights."""
+  config = sft.get_config('model=tiny')
   config.model.llm.update(LLM_1B)
   config.model.vision.update(VISION_B16)
   config.model.dtype = 'bfloat16'

@@ -27,9 +27,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import sft  # noqa: E402
-from openvlm_jax import config_lib  # noqa: E402
-from openvlm_jax import objectives  # noqa: E402
-from openvlm_jax import parallel  # noqa: E402
+from openvlm_jax import (
+  config_lib,  # noqa: E402
+  objectives,  # noqa: E402
+  parallel,  # noqa: E402
+)
 from openvlm_jax.hf import config as hf_config  # noqa: E402
 from openvlm_jax.models import matmul  # noqa: E402
 from openvlm_jax.models.vlm import VLM  # noqa: E402

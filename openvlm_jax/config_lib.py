@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from openvlm_jax import console
 from openvlm_jax.models import config as model_config
@@ -65,8 +66,8 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
   model.llm_from = ''
   model.vision_from = ''
   model.llm = ml_collections.ConfigDict(dict(
-      vocab_size=0, head_dim=0, rope_theta=10000.0, rms_norm_eps=1e-6, qkv_bias=False,
-      tie_embeddings=False, max_position_embeddings=4096, **sizes['llm']))
+      family='llama', vocab_size=0, head_dim=0, rope_theta=10000.0, rms_norm_eps=1e-6,
+      qkv_bias=False, tie_embeddings=False, max_position_embeddings=4096, **sizes['llm']))
   model.vision = ml_collections.ConfigDict(dict(
       layer_norm_eps=1e-5, hidden_act='quick_gelu', feature_layer=-2, feature_select='default',
       image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), **sizes['vision']))
@@ -84,7 +85,11 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
 
 
 def base_config(model_preset: str) -> ml_collections.ConfigDict:
-  """Everything a training run reads, with the embedded demo's values as defaults."""
+  """Every key a run reads, with the plumbing's defaults (mesh, axis rules, predict, export).
+
+  The numbers that make a recipe (`RECIPE_KEYS`: sequence length, batch, learning rate and
+  schedule) are left unset: each file in `configs/` writes them out.
+  """
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_section(model_preset)
@@ -95,9 +100,9 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # JSONL files in LLaVA format; empty builds the embedded digits dataset into the workdir.
   config.data.train_files = ()
   config.data.eval_files = ()
-  config.data.seq_len = 48
+  config.data.seq_len = placeholder(int)  # set by the recipe
   config.data.max_images = 1
-  config.data.batch_size = 32  # global, across all processes
+  config.data.batch_size = placeholder(int)  # global, across all processes; set by the recipe
   config.data.shuffle_seed = 0
   config.data.worker_count = 0
   config.data.on_bad_record = 'skip'  # 'skip' (count and log) | 'raise'
@@ -110,8 +115,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.objective.name = 'sft'
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.lr = 2e-3
-  config.optimizer.warmup_steps = 100
+  config.optimizer.lr = placeholder(float)  # set by the recipe
+  config.optimizer.warmup_steps = placeholder(int)  # set by the recipe
   config.optimizer.min_lr_ratio = 0.05  # cosine decays to lr * min_lr_ratio
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.95
@@ -121,11 +126,11 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.optimizer.grad_accum_steps = 1
 
   config.training = ml_collections.ConfigDict()
-  config.training.num_steps = 1200
-  config.training.log_every = 20
-  config.training.eval_every = 300
+  config.training.num_steps = placeholder(int)  # set by the recipe
+  config.training.log_every = placeholder(int)  # set by the recipe
+  config.training.eval_every = placeholder(int)  # set by the recipe (0: never)
   config.training.eval_generate = True  # also decode answers and score them at each eval
-  config.training.checkpoint_every = 300
+  config.training.checkpoint_every = placeholder(int)  # set by the recipe (0: never)
   config.training.keep_checkpoints = 2
   config.training.progress_bar = True
 
@@ -226,6 +231,11 @@ STATE_SHAPING_KEYS = ('model.llm.', 'model.vision.', 'model.projector', 'model.i
                       'trainable', 'tokenizer')
 
 
+# Keys every recipe in `configs/` sets (base_config leaves them unset).
+RECIPE_KEYS = ('data.seq_len', 'data.batch_size', 'optimizer.lr', 'optimizer.warmup_steps',
+               'training.num_steps', 'training.log_every', 'training.eval_every',
+               'training.checkpoint_every')
+
 # Keys with a fixed set of values.
 CHOICES = {
     'model.dtype': ('float32', 'bfloat16', 'float16'),
@@ -235,6 +245,7 @@ CHOICES = {
     'model.projection_impl': ('xla', 'pallas'),
     'model.projector': ('linear', 'mlp2x_gelu'),
     'model.vision.kind': ('clip', 'siglip'),
+    'model.llm.family': ('llama', 'qwen2', 'mistral'),
     'lora.base_dtype': ('float32', 'bf16', 'int8', 'nf4'),
     'objective.name': ('sft', 'quantitative'),
     'export.dtype': ('float32', 'bfloat16'),
@@ -256,6 +267,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     console.UserError: `config.<key>=<value>: <rule>`.
   """
+  for key in RECIPE_KEYS:
+    section, name = key.split('.')
+    _require(config[section][name] is not None, key, None, 'not set; the recipe must set it')
   training, data = config.training, config.data
   _require(training.num_steps >= 1, 'training.num_steps', training.num_steps, 'must be >= 1')
   _require(training.log_every >= 1, 'training.log_every', training.log_every, 'must be >= 1')
@@ -301,12 +315,12 @@ def config_changes(saved: Mapping[str, Any],
                    current: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
   """(key, saved value, current value) for every leaf that differs, in key order.
 
-  `saved` is a checkpoint's JSON copy of the config, so tuples compare as lists.
+  `saved` is a checkpoint's JSON copy of the config, so tuples compare as lists. Keys it does
+  not have are options newer than the checkpoint, not changes.
   """
   old = flat_items(json.loads(json.dumps(saved, default=str)))
   new = flat_items(json.loads(json.dumps(current.to_dict(), default=str)))
-  return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
-          if old.get(key) != new.get(key)]
+  return [(key, old[key], new.get(key)) for key in sorted(old) if old[key] != new.get(key)]
 
 
 def changes_state_shapes(key: str) -> bool:

@@ -71,9 +71,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _quiet_libraries() -> None:
-  """Libraries' INFO logs off unless `--verbosity` was given."""
+  """Libraries' INFO logs off unless `--verbosity` was given.
+
+  transformers' own advisories (e.g. that PyTorch is absent, which only its PyTorch models
+  need) are off too; its errors still show.
+  """
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+    os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
 
 
 def main(argv):

@@ -80,6 +80,7 @@ def llm_config_from_hf(config: HFConfig) -> LLMConfig:
       qkv_bias=qkv_bias,
       tie_embeddings=bool(config.tie_word_embeddings),
       max_position_embeddings=config.max_position_embeddings,
+      family=config.model_type,
   )
 
 
@@ -193,6 +194,10 @@ def config_from_hf(
 # ---------------------------------------------------------------------------------------------
 
 
+CAUSAL_LM_CLASSES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
+                     'mistral': 'MistralForCausalLM'}
+
+
 def llm_config_to_hf(config: LLMConfig) -> transformers.PretrainedConfig:
   """A Qwen2Config (when q/k/v have biases) or a LlamaConfig for our decoder config."""
   rope = {'rope_type': 'default', 'rope_theta': config.rope_theta}
@@ -218,10 +223,15 @@ def llm_config_to_hf(config: LLMConfig) -> transformers.PretrainedConfig:
       'max_position_embeddings': config.max_position_embeddings,
       'rope_parameters': rope,
   }
-  if config.qkv_bias:
+  if config.family == 'qwen2':
     if config.rope_scaling is not None:
-      raise UserError('llama3 rope scaling with q/k/v biases has no Hugging Face equivalent')
+      raise UserError('llama3 rope scaling in a Qwen2 decoder has no Hugging Face equivalent')
     return transformers.Qwen2Config(**common)
+  if config.qkv_bias:
+    raise UserError(f'a {config.family} decoder with q/k/v biases has no Hugging Face '
+                    "equivalent; q/k/v biases export as family 'qwen2'")
+  if config.family == 'mistral':
+    return transformers.MistralConfig(**common, sliding_window=None)
   return transformers.LlamaConfig(**common, attention_bias=False, mlp_bias=False)
 
 

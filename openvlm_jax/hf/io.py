@@ -235,9 +235,7 @@ def save_pretrained(
     exported = hf_config.vlm_config_to_hf(config)
   else:
     exported = hf_config.llm_config_to_hf(config)
-    exported.architectures = [
-        'Qwen2ForCausalLM' if config.qkv_bias else 'LlamaForCausalLM'
-    ]
+    exported.architectures = [hf_config.CAUSAL_LM_CLASSES[config.family]]
   exported.dtype = dtype
   exported.save_pretrained(folder)
 

@@ -35,6 +35,7 @@ class LLMConfig:
   qkv_bias: bool = False  # Qwen2
   tie_embeddings: bool = False
   max_position_embeddings: int = 4096
+  family: str = 'llama'  # 'llama' | 'qwen2' | 'mistral': the Hugging Face class it exports as
 
   @property
   def resolved_head_dim(self) -> int:

@@ -1,29 +1,46 @@
-"""Objectives: (logits, batch) -> summed loss terms. `get(config.objective, tokenizer)` picks one."""
+"""The objective contract, and `get(config.objective, tokenizer)` to pick one by name.
 
-import functools
+An `Objective` is all the train step, the eval step, the loop's logging and the closing line
+know of a loss:
+  terms(batch, logits_fn) -> {name: float32 scalar}: SUMS over the batch's rows, so
+      micro-batches and devices add up. `logits_fn(batch) -> [batch, seq, vocab]` runs the
+      model; an objective that needs two sequences (DPO) or a reference forward calls it as
+      often as it needs. Rows whose `batch['example_mask']` is 0 (eval padding) add nothing.
+  loss_term: the summed term that is minimised.
+  normalizer: the summed term the loss is divided by, over the whole global batch (target
+      tokens for SFT; pairs for DPO, ...): loss = sum(loss_term) / sum(normalizer).
+  metrics(sums) -> {name: value}: what it reports, from summed terms (device arrays in the
+      step, host floats in the eval); the first one is the headline of the closing line.
+  shown: metrics that join the loss on the console's training line.
+A new objective is one file here with a `make(section, tokenizer) -> Objective`, added to
+`FACTORIES` (or `register`ed from outside, as the tests do).
+"""
+
 from collections.abc import Callable
 from typing import Any
 
 from openvlm_jax.console import UserError
 from openvlm_jax.objectives import quantitative, sft
+from openvlm_jax.objectives.contract import Objective
 
-_OBJECTIVES = ('sft', 'quantitative')
+FACTORIES: dict[str, Callable[[Any, Any], Objective]] = {
+    'sft': sft.make,
+    'quantitative': quantitative.make,
+}
 
 
-def get(objective: Any, tokenizer: Any = None) -> Callable:
-  """The loss-terms function of an objective: a name, or a `config.objective` section.
+def register(name: str, make: Callable[[Any, Any], Objective]) -> None:
+  """Makes `config.objective.name=<name>` build its objective with `make(section, tokenizer)`."""
+  FACTORIES[name] = make
 
-  'quantitative' reads `ntl_weight` (default 0.3) and `ntl_kind` ('was' | 'mse') from the
-  section and needs the tokenizer to find the number tokens.
+
+def get(section: Any, tokenizer: Any = None) -> Objective:
+  """The objective a `config.objective` section (or a bare name) asks for.
+
+  Raises:
+    UserError: for an unknown name, or options the objective cannot use.
   """
-  name = objective if isinstance(objective, str) else objective.name
-  if name not in _OBJECTIVES:
-    raise UserError(f'config.objective.name={name!r} is unknown; known: {sorted(_OBJECTIVES)}')
-  if name == 'sft':
-    return sft.loss_terms
-  if tokenizer is None:
-    raise UserError("objective 'quantitative' needs the tokenizer (for its number tokens)")
-  options = {} if isinstance(objective, str) else objective
-  return functools.partial(
-      quantitative.loss_terms, number_tokens=quantitative.number_tokens_of(tokenizer),
-      ntl_weight=float(options.get('ntl_weight', 0.3)), ntl_kind=options.get('ntl_kind', 'was'))
+  name = section if isinstance(section, str) else section.name
+  if name not in FACTORIES:
+    raise UserError(f'config.objective.name={name!r} is unknown; known: {sorted(FACTORIES)}')
+  return FACTORIES[name]({} if isinstance(section, str) else section, tokenizer)

@@ -24,6 +24,7 @@ import numpy as np
 
 from openvlm_jax.console import UserError
 from openvlm_jax.objectives import sft
+from openvlm_jax.objectives.contract import Objective
 
 NTL_KINDS = ('was', 'mse')
 _BOUNDARY_MARKERS = ('Ġ', '▁', ' ')
@@ -113,6 +114,35 @@ def loss_terms(logits: jax.Array, batch: dict, *, number_tokens: NumberTokens,
   terms = sft.loss_terms(logits, batch)
   ntl, is_number = number_token_loss(logits, batch['targets'], number_tokens, ntl_kind)
   loss_mask = batch['loss_mask'].astype(jnp.float32)  # [batch, seq]
+  if 'example_mask' in batch:
+    loss_mask = loss_mask * batch['example_mask'].astype(jnp.float32)[:, None]
   ntl_sum = jnp.sum(ntl * loss_mask)
   return dict(terms, loss_sum=terms['nll_sum'] + jnp.float32(ntl_weight) * ntl_sum,
               ntl_sum=ntl_sum, number_tokens=jnp.sum(is_number * loss_mask))
+
+
+def metrics(sums: dict) -> dict:
+  """`sft.metrics` plus `ntl`, the number-token loss per target number token."""
+  return dict(sft.metrics(sums), ntl=sums['ntl_sum'] / jnp.maximum(sums['number_tokens'], 1.0))
+
+
+def make(section: Any, tokenizer: Any) -> Objective:
+  """The `quantitative` objective from `config.objective` (`ntl_weight`, `ntl_kind`).
+
+  Raises:
+    UserError: without a tokenizer, or for an unknown `ntl_kind`.
+  """
+  if tokenizer is None:
+    raise UserError("objective 'quantitative' needs the tokenizer (for its number tokens)")
+  ntl_kind = section.get('ntl_kind', 'was')
+  if ntl_kind not in NTL_KINDS:
+    raise UserError(f'config.objective.ntl_kind={ntl_kind!r}: must be one of {list(NTL_KINDS)}')
+  number_tokens = number_tokens_of(tokenizer)
+  ntl_weight = float(section.get('ntl_weight', 0.3))
+
+  def terms(batch: dict, logits_fn) -> dict:
+    return loss_terms(logits_fn(batch), batch, number_tokens=number_tokens,
+                      ntl_weight=ntl_weight, ntl_kind=ntl_kind)
+
+  return Objective(name='quantitative', terms=terms, metrics=metrics, loss_term='loss_sum',
+                   normalizer='num_tokens', shown=('ntl',))

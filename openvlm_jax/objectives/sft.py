@@ -1,7 +1,11 @@
 """Supervised fine-tuning: cross-entropy over the assistant's tokens."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from openvlm_jax.objectives.contract import Objective
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -16,16 +20,45 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def loss_terms(logits: jax.Array, batch: dict) -> dict:
   """Sums over the batch's target tokens; the train step divides by the global token count.
 
-  Returns `loss_sum` (what is minimised), `nll_sum`, `num_tokens` and `correct_tokens`, each a
-  float32 scalar, so micro-batches and devices can be added up before normalising.
+  Returns float32 scalars that add up over micro-batches and devices: `loss_sum` (what is
+  minimised), `nll_sum`, `num_tokens`, `correct_tokens`, and per example `exact_match`
+  (every target token is the argmax: what greedy decoding of the answer would produce) and
+  `num_examples`. Rows with `batch['example_mask']` 0 count nowhere.
   """
-  loss_mask = batch['loss_mask'].astype(jnp.float32)  # [batch, seq]
+  example_mask = batch.get('example_mask')
+  if example_mask is None:
+    example_mask = jnp.ones(batch['targets'].shape[:1], jnp.float32)
+  example_mask = example_mask.astype(jnp.float32)  # [batch]
+  loss_mask = batch['loss_mask'].astype(jnp.float32) * example_mask[:, None]  # [batch, seq]
   nll = token_cross_entropy(logits, batch['targets'])  # [batch, seq]
-  correct = (jnp.argmax(logits, axis=-1) == batch['targets']).astype(jnp.float32)
+  correct = (jnp.argmax(logits, axis=-1) == batch['targets']).astype(jnp.float32) * loss_mask
   nll_sum = jnp.sum(nll * loss_mask)
+  answer_tokens = jnp.sum(loss_mask, axis=1)  # [batch]
+  all_correct = (jnp.sum(correct, axis=1) == answer_tokens) & (answer_tokens > 0)
   return dict(
       loss_sum=nll_sum,
       nll_sum=nll_sum,
       num_tokens=jnp.sum(loss_mask),
-      correct_tokens=jnp.sum(correct * loss_mask),
+      correct_tokens=jnp.sum(correct),
+      exact_match=jnp.sum(all_correct * example_mask),
+      num_examples=jnp.sum(example_mask),
   )
+
+
+def metrics(sums: dict) -> dict:
+  """Exact match (the headline), token accuracy, loss, perplexity and the example count."""
+  num_tokens = jnp.maximum(sums['num_tokens'], 1.0)
+  return dict(
+      exact_match=sums['exact_match'] / jnp.maximum(sums['num_examples'], 1.0),
+      token_accuracy=sums['correct_tokens'] / num_tokens,
+      loss=sums['loss_sum'] / num_tokens,
+      perplexity=jnp.exp(sums['nll_sum'] / num_tokens),
+      num_examples=sums['num_examples'],
+  )
+
+
+def make(section: Any, tokenizer: Any = None) -> Objective:
+  """The `sft` objective: cross-entropy over assistant tokens, per target token."""
+  del section, tokenizer
+  return Objective(name='sft', terms=lambda batch, logits_fn: loss_terms(logits_fn(batch), batch),
+                   metrics=metrics, loss_term='loss_sum', normalizer='num_tokens')

@@ -20,6 +20,7 @@ import numpy as np
 from openvlm_jax import evaluation, inference, parallel
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import pipeline
+from openvlm_jax.objectives import Objective
 from openvlm_jax.training import step as step_lib
 
 
@@ -68,7 +69,7 @@ class Evaluator:
   reused by every later evaluation.
   """
 
-  def __init__(self, *, model: Any, loss_terms: Callable, eval_set: EvalSet, mesh: Any,
+  def __init__(self, *, model: Any, objective: Objective, eval_set: EvalSet, mesh: Any,
                rules: Sequence[tuple], param_shardings: Any, local_batch_size: int,
                sampling: inference.SamplingConfig, generate_batch_size: int, seed: int = 0):
     self.eval_set = eval_set
@@ -77,7 +78,8 @@ class Evaluator:
     self.generate_batch_size = generate_batch_size
     self.seed = seed
     self.tokenizer = eval_set.spec.tokenizer
-    self.eval_step = jax.jit(step_lib.make_eval_step(model, loss_terms),
+    self.objective = objective
+    self.eval_step = jax.jit(step_lib.make_eval_step(model, objective),
                              in_shardings=(param_shardings, parallel.batch_sharding(mesh)))
     self.generate = inference.make_generate_fn(model, sampling)
     self._run_eval_step = parallel.under_mesh(self.eval_step, mesh, rules)
@@ -88,7 +90,7 @@ class Evaluator:
     return len(self.eval_set)
 
   def teacher_forced(self, params: Any) -> dict[str, float]:
-    """Loss, perplexity, token accuracy and exact match under teacher forcing."""
+    """The objective's metrics under teacher forcing, and `loss`, over the whole set."""
     process, num_processes = jax.process_index(), jax.process_count()
     indices = range(process, len(self.eval_set), num_processes)  # this process's rows
     rows_per_process = math.ceil(len(self.eval_set) / num_processes)
@@ -99,14 +101,11 @@ class Evaluator:
       sums = self._run_eval_step(params, parallel.global_batch(local_batch, self.mesh))
       for name, value in jax.device_get(sums).items():
         totals[name] = totals.get(name, 0.0) + float(value)
-    num_tokens = max(totals.get('num_tokens', 0.0), 1.0)
-    return dict(
-        loss=totals['loss_sum'] / num_tokens,
-        perplexity=float(np.exp(totals['nll_sum'] / num_tokens)),
-        token_accuracy=totals['correct_tokens'] / num_tokens,
-        exact_match=totals['exact_match'] / max(totals['num_examples'], 1.0),
-        num_examples=totals['num_examples'],
-    )
+    objective = self.objective
+    metrics = {name: float(jax.device_get(value))  # in the objective's order
+               for name, value in objective.metrics(totals).items()}
+    metrics['loss'] = totals[objective.loss_term] / max(totals[objective.normalizer], 1.0)
+    return metrics
 
   def answers(self, params: Any) -> list[dict[str, Any]]:
     """A generated `{"answer", "num_tokens"}` for every record, in order."""

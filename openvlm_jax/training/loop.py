@@ -100,13 +100,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   run = setup.make_run(config, workdir)
   if jax.process_index() == 0:
     say(f'Config written to {workdir_lib.write_config(workdir, config)}')
-  loss_terms = objectives.get(config.objective, run.tokenizer)
+  objective = objectives.get(config.objective, run.tokenizer)
   layout = setup.state_layout(run)
   trainable, optimizer, shardings = layout.trainable, layout.optimizer, layout.shardings
   # Eval data is validated now, before any training, under the same bad-record policy.
   evaluator = None
   if run.has_eval:
-    evaluator = setup.make_evaluator(run, setup.load_eval_set(run), loss_terms, shardings.params)
+    evaluator = setup.make_evaluator(run, setup.load_eval_set(run), objective, shardings.params)
   train_iterator = setup.train_iterator(run)
 
   # ---- Restore or initialise -----------------------------------------------------------------
@@ -128,7 +128,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
 
   # ---- Compile -------------------------------------------------------------------------------
   train_step = jax.jit(
-      step_lib.make_train_step(run.model, loss_terms, optimizer, layout.schedule,
+      step_lib.make_train_step(run.model, objective, optimizer, layout.schedule,
                                config.optimizer.grad_accum_steps, trainable=trainable),
       in_shardings=(shardings, parallel.batch_sharding(run.mesh)),
       out_shardings=(shardings, None), donate_argnums=0)
@@ -167,9 +167,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         logger.write(step, 'train', scalars)
         progress.set_postfix(loss=f"{scalars['loss']:.4f}",
                              tok_s=f"{scalars['tokens_per_second']:.0f}")
-        progress.write(f"step {step:6d}  loss {scalars['loss']:.6f}  "
-                       f"grad_norm {scalars['grad_norm']:.4f}  lr {scalars['learning_rate']:.3e}  "
-                       f"tokens/s {scalars['tokens_per_second']:.0f}")
+        progress.write(format_train(step, scalars, objective.shown))
 
       # A checkpoint is saved before the eval of the same step, so an eval failure loses nothing.
       if is_due(step, training.checkpoint_every, training.num_steps) or preemption.raised:
@@ -209,12 +207,35 @@ def evaluate(evaluator, params, training: ml_collections.ConfigDict) -> dict:
   return metrics
 
 
+def format_train(step: int, scalars: dict, shown: tuple[str, ...]) -> str:
+  """The console line of one logged training step: loss, the objective's `shown`, speed."""
+  extra = ''.join(f'  {name} {scalars[name]:.4f}' for name in shown)
+  return (f"step {step:6d}  loss {scalars['loss']:.6f}{extra}  grad_norm "
+          f"{scalars['grad_norm']:.4f}  lr {scalars['learning_rate']:.3e}  "
+          f"tokens/s {scalars['tokens_per_second']:.0f}")
+
+
+def format_metrics(metrics: dict) -> str:
+  """'exact match 0.9593 (270 examples), token accuracy 0.9852, ...; generated: ...'.
+
+  The objective's metrics in its order (the first, its headline, with the example count),
+  then the generated-answer scores.
+  """
+  taught = [(name, value) for name, value in metrics.items()
+            if not name.startswith('generated_') and name not in ('num_examples', 'step')]
+  generated = [(name[len('generated_'):], value) for name, value in metrics.items()
+               if name.startswith('generated_') and name != 'generated_num_examples']
+  parts = [f"{name.replace('_', ' ')} {value:.4f}" for name, value in taught]
+  if parts and 'num_examples' in metrics:
+    parts[0] += f" ({metrics['num_examples']:.0f} examples)"
+  line = ', '.join(parts)
+  if generated:
+    line += '; generated: ' + ', '.join(f"{name.replace('_', ' ')} {value:.4f}"
+                                        for name, value in generated)
+  return line
+
+
 def format_eval(step: int, metrics: dict) -> str:
   """The console line of one evaluation."""
-  line = (f"step {step:6d}  eval loss {metrics['loss']:.4f}  "
-          f"token accuracy {metrics['token_accuracy']:.4f}  "
-          f"exact match {metrics['exact_match']:.4f} ({metrics['num_examples']:.0f} examples)")
-  if 'generated_exact_match' in metrics:
-    line += (f"  generated: exact match {metrics['generated_exact_match']:.4f}, "
-             f"relaxed accuracy {metrics['generated_relaxed_accuracy']:.4f}")
-  return line
+  return f'step {step:6d}  eval {format_metrics(metrics)}'
+

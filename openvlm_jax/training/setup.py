@@ -15,7 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from openvlm_jax import checkpoint, config_lib, inference, parallel
+from openvlm_jax import checkpoint, config_lib, inference, objectives, parallel
 from openvlm_jax.console import UserError
 from openvlm_jax.data import digits, pipeline
 from openvlm_jax.data import examples as examples_lib
@@ -189,12 +189,12 @@ def load_eval_set(run: Run, files: Sequence[str] | None = None,
                                 on_bad_record=run.config.data.on_bad_record, check=check)
 
 
-def make_evaluator(run: Run, eval_set: evaluate.EvalSet, loss_terms: Callable,
+def make_evaluator(run: Run, eval_set: evaluate.EvalSet, objective: objectives.Objective,
                    param_shardings: Any) -> evaluate.Evaluator:
   """The run's evaluator over `eval_set`: one eval step and one generate function."""
   config = run.config
   return evaluate.Evaluator(
-      model=run.model, loss_terms=loss_terms, eval_set=eval_set, mesh=run.mesh,
+      model=run.model, objective=objective, eval_set=eval_set, mesh=run.mesh,
       rules=config.logical_axis_rules, param_shardings=param_shardings,
       local_batch_size=local_batch_size(run),
       sampling=inference.sampling_from_config(config.predict, run.tokenizer),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from openvlm_jax.objectives import Objective
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training.state import TrainState
 
@@ -47,15 +48,17 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model: nn.Module, loss_terms: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    trainable: Callable | None = None) -> Callable:
+def make_train_step(model: nn.Module, objective: Objective,
+                    optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int = 1, trainable: Callable | None = None) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
 
-  Gradients of the summed loss are accumulated over `grad_accum_steps` micro-batches and
-  divided by the number of target tokens in the whole global batch. With `trainable`
-  (params -> tree of bools, the optimizer's mask), only trainable parameters are
-  differentiated and updated; frozen ones enter the loss as constants.
+  Gradients of the objective's summed `loss_term` are accumulated over `grad_accum_steps`
+  micro-batches and divided by its `normalizer` summed over the whole global batch. With
+  `trainable` (params -> tree of bools, the optimizer's mask), only trainable parameters are
+  differentiated and updated; frozen ones enter the loss as constants. The metrics are the
+  objective's, plus `loss` (loss_term / normalizer), `grad_norm`, `learning_rate` and
+  `finite` (False when the loss or the gradient norm is not finite).
   """
   trainable = trainable or optimizer_lib.all_trainable
 
@@ -70,8 +73,8 @@ def make_train_step(model: nn.Module, loss_terms: Callable, optimizer: optax.Gra
 
     def summed_loss(train_params, batch):
       params = optimizer_lib.merge_trainable(train_params, frozen_params, mask)
-      terms = loss_terms(model_logits(model, params, batch, rngs), batch)
-      return terms['loss_sum'], terms
+      terms = objective.terms(batch, lambda rows: model_logits(model, params, rows, rngs))
+      return terms[objective.loss_term], terms
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
     if grad_accum_steps == 1:
@@ -85,45 +88,32 @@ def make_train_step(model: nn.Module, loss_terms: Callable, optimizer: optax.Gra
                                 jax.eval_shape(summed_loss, train_params, batch)[1])
       (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms),
                                        split_micro_batches(batch, grad_accum_steps))
-    num_tokens = jnp.maximum(terms['num_tokens'], 1.0)
-    grads = jax.tree.map(lambda grad: grad / num_tokens, grads)
+    normalizer = jnp.maximum(terms[objective.normalizer], 1.0)
+    grads = jax.tree.map(lambda grad: grad / normalizer, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
     params = optimizer_lib.merge_trainable(
         optax.apply_updates(train_params, updates), frozen_params, mask)
+    loss = terms[objective.loss_term] / normalizer
     grad_norm = optax.tree.norm(grads)
     metrics = dict(
-        loss=terms['loss_sum'] / num_tokens,
-        nll=terms['nll_sum'] / num_tokens,
-        token_accuracy=terms['correct_tokens'] / num_tokens,
-        num_tokens=terms['num_tokens'],
-        grad_norm=grad_norm,
+        objective.metrics(terms), loss=loss, grad_norm=grad_norm,
         learning_rate=schedule(state.step),
         # The loop stops on a False here and saves nothing of this step.
-        finite=jnp.isfinite(terms['loss_sum']) & jnp.isfinite(grad_norm),
+        finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     )
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
-def make_eval_step(model: nn.Module, loss_terms: Callable) -> Callable:
-  """Returns eval_step(params, batch) -> per-batch sums for loss, accuracy and exact match.
+def make_eval_step(model: nn.Module, objective: Objective) -> Callable:
+  """Returns eval_step(params, batch) -> the objective's summed terms over the batch.
 
-  Exact match counts examples whose every target token is the argmax under teacher forcing,
-  which is exactly what greedy decoding of the answer (and its end token) would produce.
-  `batch['example_mask']` marks real rows in a padded last batch.
+  `batch['example_mask']` marks real rows in a padded last batch; the objective counts only
+  those.
   """
 
   def eval_step(params, batch: dict) -> dict:
-    logits = model_logits(model, params, batch)
-    example_mask = batch['example_mask'].astype(jnp.float32)  # [batch]
-    masked_batch = dict(batch, loss_mask=batch['loss_mask'] * example_mask[:, None])
-    terms = loss_terms(logits, masked_batch)
-    loss_mask = masked_batch['loss_mask']
-    correct = (jnp.argmax(logits, axis=-1) == batch['targets']) * loss_mask
-    answer_tokens = jnp.sum(loss_mask, axis=1)  # [batch]
-    all_correct = (jnp.sum(correct, axis=1) == answer_tokens) & (answer_tokens > 0)
-    return dict(terms, exact_match=jnp.sum(all_correct * example_mask),
-                num_examples=jnp.sum(example_mask))
+    return objective.terms(batch, lambda rows: model_logits(model, params, rows))
 
   return eval_step

@@ -22,7 +22,7 @@ def _vlm_config(text: str, vision: str) -> VLMConfig:
   llm = LLMConfig(
       vocab_size=tiny_hf.VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_layers=2,
       num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5, qkv_bias=text == 'qwen2',
-      tie_embeddings=text == 'qwen2',
+      tie_embeddings=text == 'qwen2', family=text,
   )
   is_clip = vision == 'clip'
   vision_config = VisionConfig(

@@ -38,6 +38,14 @@ def test_qwen2_has_qkv_bias_and_mistral_reads():
       num_attention_heads=2, num_key_value_heads=1, sliding_window=None)
   config = hf_config.llm_config_from_hf(mistral.to_dict())
   assert not config.qkv_bias and config.num_kv_heads == 1
+  # The family is recorded on import and chooses the class on export.
+  assert config.family == 'mistral'
+  assert isinstance(hf_config.llm_config_to_hf(config), transformers.MistralConfig)
+  qwen2 = hf_config.llm_config_from_hf(tiny_hf.qwen2_config())
+  assert qwen2.family == 'qwen2'
+  assert isinstance(hf_config.llm_config_to_hf(qwen2), transformers.Qwen2Config)
+  with pytest.raises(ValueError, match="export as family 'qwen2'"):
+    hf_config.llm_config_to_hf(dataclasses.replace(config, qkv_bias=True))
 
 
 def test_llava_fields_and_preprocessor_mean_std():

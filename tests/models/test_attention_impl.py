@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import sft
-from openvlm_jax import config_lib, objectives
+from openvlm_jax import config_lib
 from openvlm_jax.models import attention
 from openvlm_jax.models.vlm import VLM
+from openvlm_jax.objectives import sft as sft_objective
 
 VOCAB, SEQ, IMAGE_TOKEN = 40, 16, 3
 TOLERANCE = 1e-5
@@ -55,7 +56,7 @@ def _tiny_model(attention_impl):
 
 
 def _loss_and_grads(model, params, batch):
-  loss_fn = objectives.get('sft')
+  loss_fn = sft_objective.loss_terms
 
   def loss(params):
     logits = model.apply(params, batch['input_ids'], batch['images'],

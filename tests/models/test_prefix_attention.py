@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from configs import sft
-from openvlm_jax import config_lib, objectives
+from openvlm_jax import config_lib
 from openvlm_jax.models import attention
 from openvlm_jax.models.vlm import VLM
+from openvlm_jax.objectives import sft as sft_objective
 from openvlm_jax.training import step as step_lib
 from pallas_kernels import reference
 from tests.models.test_attention_impl import assert_grads_close
@@ -80,7 +81,7 @@ def test_dot_product_attention_with_prefix_matches_the_dense_reference(impl):
 
 def _mean_loss(model, params, batch):
   """The SFT loss of `batch` through the training step's model call."""
-  terms = objectives.get('sft')(step_lib.model_logits(model, params['params'], batch), batch)
+  terms = sft_objective.loss_terms(step_lib.model_logits(model, params['params'], batch), batch)
   return terms['loss_sum'] / terms['num_tokens']
 
 

@@ -11,10 +11,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import sft
-from openvlm_jax import config_lib, objectives, parallel
+from openvlm_jax import config_lib, parallel
 from openvlm_jax.models import lora
 from openvlm_jax.models.config import LoraConfig, VLMConfig
 from openvlm_jax.models.vlm import VLM
+from openvlm_jax.objectives import sft as sft_objective
 
 VOCAB, SEQ, IMAGE_TOKEN = 40, 16, 3
 TOLERANCE = 1e-5
@@ -63,7 +64,7 @@ def _init(config: VLMConfig, batch: dict):
 
 def _loss_logits_grads(config: VLMConfig, params, batch: dict):
   """(loss, logits, grads w.r.t. every float param but quantized-base scales), one compile."""
-  model, loss_fn = VLM(config), objectives.get('sft')
+  model, loss_fn = VLM(config), sft_objective.loss_terms
 
   def trainable(path, leaf):
     frozen = any(f"'{name}'" in jax.tree_util.keystr(path) for name in lora.QUANTIZED_PARAMS)

@@ -108,11 +108,19 @@ def test_number_tokens_from_any_tokenizer(tmp_path):
 
 
 def test_get_builds_the_objective_from_its_config(tmp_path):
-  assert objectives.get('sft') is sft.loss_terms
+  assert objectives.get('sft').terms is not None and objectives.get('sft').normalizer == 'num_tokens'
   section = ml_collections.ConfigDict(
       {'name': 'quantitative', 'ntl_weight': 0.5, 'ntl_kind': 'mse'})
-  loss_fn = objectives.get(section, _FakeTokenizer())
-  assert loss_fn.keywords['ntl_weight'] == 0.5 and loss_fn.keywords['ntl_kind'] == 'mse'
+  objective = objectives.get(section, _FakeTokenizer())
+  assert objective.name == 'quantitative' and objective.shown == ('ntl',)
+  logits = jax.random.normal(jax.random.key(0), (1, 3, 9))
+  batch = {'targets': jnp.asarray([[1, 5, 7]]), 'loss_mask': jnp.ones((1, 3))}
+  terms = objective.terms(batch, lambda rows: logits)
+  expected = quantitative.loss_terms(logits, batch, number_tokens=quantitative.number_tokens_of(
+      _FakeTokenizer()), ntl_weight=0.5, ntl_kind='mse')
+  assert float(terms['loss_sum']) == pytest.approx(float(expected['loss_sum']))
+  metrics = objective.metrics(terms)
+  assert float(metrics['ntl']) == pytest.approx(float(terms['ntl_sum']) / 2)  # 2 number tokens
   with pytest.raises(ValueError, match='tokenizer'):
     objectives.get('quantitative')
   with pytest.raises(ValueError, match='unknown'):

@@ -2,11 +2,13 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import sft
-from openvlm_jax import checkpoint, inference, modes
+from openvlm_jax import checkpoint, inference, modes, objectives
 from openvlm_jax.console import UserError
 from openvlm_jax.data import digits
 
@@ -104,3 +106,63 @@ def test_resume_refuses_a_change_of_model_shape_and_warns_of_others(files, tmp_p
   assert 'optimizer.lr: 0.002 -> 0.001' in printed and 'training.num_steps: 1 -> 2' in printed
   assert checkpoint.saved_steps(str(tmp_path)) == [1, 2]
   assert np.isfinite(json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[-1])['loss'])
+
+
+def _make_margin_objective(section, tokenizer):
+  """An objective written outside `objectives/`: a hinge on the target logit's margin."""
+  del section, tokenizer
+
+  def terms(batch, logits_fn):
+    logits = logits_fn(batch).astype(jnp.float32)  # [batch, seq, vocab]
+    mask = batch['loss_mask'] * batch.get('example_mask', jnp.ones(logits.shape[:1]))[:, None]
+    target = jnp.take_along_axis(logits, batch['targets'][..., None], axis=-1)[..., 0]
+    runner_up = jnp.max(jnp.where(jax.nn.one_hot(batch['targets'], logits.shape[-1]) > 0,
+                                  -jnp.inf, logits), axis=-1)
+    hinge = jax.nn.relu(1.0 - (target - runner_up))
+    return {'hinge_sum': jnp.sum(hinge * mask), 'wins': jnp.sum((target > runner_up) * mask),
+            'targets': jnp.sum(mask),
+            'num_examples': jnp.sum(batch.get('example_mask', jnp.ones(logits.shape[:1])))}
+
+  def metrics(sums):
+    return {'margin_win_rate': sums['wins'] / jnp.maximum(sums['targets'], 1.0),
+            'mean_hinge': sums['hinge_sum'] / jnp.maximum(sums['targets'], 1.0),
+            'num_examples': sums['num_examples']}
+
+  return objectives.Objective(name='margin', terms=terms, metrics=metrics,
+                              loss_term='hinge_sum', normalizer='targets',
+                              shown=('margin_win_rate',))
+
+
+def test_an_objective_defined_outside_objectives_trains_through_the_real_loop(
+    files, tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(objectives.FACTORIES, 'margin', _make_margin_objective)
+  config = _config(*files)
+  config.objective.name = 'margin'
+  config.training.num_steps = 3
+  config.training.log_every = 1
+  config.training.eval_every = 3
+  result = modes.train(config, str(tmp_path))
+  assert set(result) >= {'margin_win_rate', 'mean_hinge', 'loss', 'num_examples'}
+  assert result['num_examples'] == result['generated_num_examples'] == NUM_GOOD
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  train_rows = [row for row in rows if row['split'] == 'train']
+  assert [row['step'] for row in train_rows] == [1, 2, 3]
+  assert all(row['loss'] == pytest.approx(row['mean_hinge'], rel=1e-5) for row in train_rows)
+  assert 'exact_match' not in train_rows[0] and 'token_accuracy' not in train_rows[0]
+  assert 'margin_win_rate' in capsys.readouterr().out
+  closing = modes.format_result('train', result)
+  assert closing.startswith(f"held-out margin win rate: {result['margin_win_rate']:.4f} "
+                            f'({NUM_GOOD} examples), mean hinge ')
+
+
+def test_the_quantitative_run_logs_its_number_token_loss(files, tmp_path):
+  config = _config(*files)
+  config.objective.name = 'quantitative'
+  config.training.log_every = 1
+  config.training.eval_generate = False
+  modes.train(config, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    rows = [json.loads(line) for line in f]
+  assert all(np.isfinite(row['ntl']) and row['ntl'] > 0 for row in rows)
+  assert {row['split'] for row in rows} == {'train', 'eval'}
