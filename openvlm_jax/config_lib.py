@@ -193,15 +193,35 @@ def build_vlm_config(model: ml_collections.ConfigDict, *, vocab_size: int,
       vision=model_config.VisionConfig(**vision_fields),
       projector=model.projector,
       image_token_id=image_token_id,
-      dtype=model.dtype,
-      param_dtype=model.param_dtype,
-      remat=model.remat,
-      scan_layers=model.scan_layers,
-      attention_impl=model.attention_impl,
-      prefix_attention=bool(model.prefix_attention),
       lora=lora_config(lora),
-      projection_impl=model.projection_impl,
+      **runtime_fields(model),
   )
+
+
+# VLMConfig fields that say how the model computes, not what it is: they always come from
+# `config.model`, also when the architecture comes from a Hugging Face folder.
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'remat', 'scan_layers', 'attention_impl',
+                  'projection_impl', 'prefix_attention')
+
+
+def runtime_fields(model: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The `RUNTIME_FIELDS` of `config.model`, as VLMConfig keyword arguments."""
+  return {name: model[name] for name in RUNTIME_FIELDS}
+
+
+def model_source(model: ml_collections.ConfigDict) -> str:
+  """Where the architecture and weights come from: 'hf_folder', 'stage1' or 'scratch'.
+
+  Raises:
+    UserError: for `llm_from` without `vision_from` or the other way round.
+  """
+  if model.init_from:
+    return 'hf_folder'
+  if model.llm_from or model.vision_from:
+    if not (model.llm_from and model.vision_from):
+      raise console.UserError('config.model.llm_from and config.model.vision_from go together')
+    return 'stage1'
+  return 'scratch'
 
 
 # The classic LLaVA recipes as `config.trainable` rules (`configs/sft.py:recipe=<name>`).

@@ -24,15 +24,28 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return loop.train(config, workdir)
 
 
-def restore_params(run: setup.Run, step: int = -1):
-  """The parameters (only; no optimizer state) of checkpoint `step` (-1: the latest)."""
+def restore_params(run: setup.Run, step: int = -1, layout: setup.StateLayout | None = None):
+  """The parameters (only; no optimizer state) of checkpoint `step` (-1: the latest).
+
+  `layout` is the run's `setup.state_layout`, when the caller has it already.
+  """
   step = checkpoint.require_step(run.workdir, step)
   manager = checkpoint.make_manager(run.workdir, run.config.training.keep_checkpoints)
-  layout = setup.state_layout(run)
+  layout = layout or setup.state_layout(run)
   abstract_params = layout.abstract_state(run.model).params
   params = checkpoint.restore_params(manager, step, abstract_params)
   manager.close()
   return params, step
+
+
+def restored_evaluator(run: setup.Run, eval_set: evaluate.EvalSet):
+  """(the run's evaluator over `eval_set`, the latest checkpoint's params, its step)."""
+  layout = setup.state_layout(run)
+  evaluator = setup.make_evaluator(run, eval_set, objectives.get(run.config.objective,
+                                                                 run.tokenizer),
+                                   layout.shardings.params)
+  params, step = restore_params(run, layout=layout)
+  return evaluator, params, step
 
 
 def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: disable=redefined-builtin
@@ -41,10 +54,7 @@ def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: di
   run = setup.make_run(config, workdir, build_demo=False)
   if not run.has_eval:
     raise UserError('--mode=eval needs eval data: --config.data.eval_files=<file.jsonl>')
-  evaluator = setup.make_evaluator(run, setup.load_eval_set(run),
-                                   objectives.get(config.objective, run.tokenizer),
-                                   setup.state_layout(run).shardings.params)
-  params, step = restore_params(run)
+  evaluator, params, step = restored_evaluator(run, setup.load_eval_set(run))
   metrics = evaluator.teacher_forced(params)
   metrics.update(evaluator.generated(params))
   logging.info('eval of step %d: %s', step, metrics)
@@ -67,9 +77,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lib.check_writable(os.path.dirname(os.path.abspath(path)))
   run = setup.make_run(config, workdir, build_demo=False)
   questions = setup.load_eval_set(run, [section.input], check=examples_lib.check_question)
-  evaluator = setup.make_evaluator(run, questions, objectives.get(config.objective, run.tokenizer),
-                                   setup.state_layout(run).shardings.params)
-  params, step = restore_params(run)
+  evaluator, params, step = restored_evaluator(run, questions)
   answers = evaluator.answers(params)
   metrics = evaluate.score(answers, questions.references, prefix='')
   rows = [question_row(questions.record(i), questions.references[i])

@@ -94,3 +94,16 @@ def test_explain_flag_error_suggests_the_closest_full_key():
   assert config_lib.explain_flag_error(argv, AttributeError('x')) == (
       "--config.data.seqlen: the config has no key 'data.seqlen'; did you mean "
       '--config.data.seq_len?')
+
+
+def test_model_source_and_runtime_fields():
+  config = sft.get_config('model=tiny')
+  assert config_lib.model_source(config.model) == 'scratch'
+  config.model.init_from = '/models/llava'
+  assert config_lib.model_source(config.model) == 'hf_folder'
+  config.model.init_from, config.model.llm_from = '', '/models/qwen2'
+  with pytest.raises(UserError, match='llm_from and config.model.vision_from go together'):
+    config_lib.model_source(config.model)
+  config.model.vision_from = '/models/clip'
+  assert config_lib.model_source(config.model) == 'stage1'
+  assert sorted(config_lib.runtime_fields(config.model)) == sorted(config_lib.RUNTIME_FIELDS)

@@ -79,27 +79,19 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return tokenizer_lib.load_tokenizer(folder)
 
 
-def runtime_overrides(model: ml_collections.ConfigDict) -> dict:
-  """The VLMConfig fields that always come from `config.model`, never from a checkpoint."""
-  return dict(dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
-              scan_layers=model.scan_layers, attention_impl=model.attention_impl,
-              projection_impl=model.projection_impl, prefix_attention=model.prefix_attention)
-
-
 def model_config(config: ml_collections.ConfigDict,
                  tokenizer: transformers.PreTrainedTokenizerBase) -> VLMConfig:
   """The architecture from a Hugging Face folder when starting from one, else from the config.
 
-  Compute dtype, remat, scan and attention implementation always come from `config.model`.
+  How the model computes (`config_lib.RUNTIME_FIELDS`) always comes from `config.model`.
   """
   image_token_id = tokenizer.convert_tokens_to_ids(tokenizer_lib.image_token_of(tokenizer))
   model = config.model
-  runtime = dict(runtime_overrides(model), lora=config_lib.lora_config(config.lora))
-  if model.init_from:
+  runtime = dict(config_lib.runtime_fields(model), lora=config_lib.lora_config(config.lora))
+  source = config_lib.model_source(model)
+  if source == 'hf_folder':
     return hf_io.load_config(model.init_from, **runtime)
-  if model.llm_from or model.vision_from:
-    if not (model.llm_from and model.vision_from):
-      raise UserError('config.model.llm_from and config.model.vision_from go together')
+  if source == 'stage1':
     return hf_io.load_stage1_config(model.llm_from, model.vision_from, projector=model.projector,
                                     image_token_id=image_token_id, **runtime)
   return config_lib.build_vlm_config(model, vocab_size=len(tokenizer),
@@ -216,7 +208,7 @@ def example_inputs(run: Run) -> dict:
 def pretrained_params(run: Run, param_shardings: Any) -> Optional[Any]:
   """Parameters imported from Hugging Face folders, placed with their shardings; or None."""
   model = run.config.model
-  vlm_config, runtime = run.vlm_config, runtime_overrides(model)
+  vlm_config, runtime = run.vlm_config, config_lib.runtime_fields(model)
   if vlm_config.lora is not None:
     # Float weights first (unplaced), then adapters added and LoRA targets quantized.
     float_params = pretrained_params(
@@ -227,9 +219,10 @@ def pretrained_params(run: Run, param_shardings: Any) -> Optional[Any]:
     params = lora_lib.adapt_params(float_params, abstract, vlm_config.lora,
                                    jax.random.key(run.config.seed + 1))
     return jax.device_put(params, param_shardings)
-  if model.init_from:
+  source = config_lib.model_source(model)
+  if source == 'hf_folder':
     return hf_io.load_pretrained(model.init_from, shardings=param_shardings, **runtime)[1]
-  if model.llm_from:
+  if source == 'stage1':
     return hf_io.load_llm_and_vision(
         model.llm_from, model.vision_from, image_token_id=vlm_config.image_token_id,
         rng=jax.random.key(run.config.seed), projector=vlm_config.projector,
