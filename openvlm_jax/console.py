@@ -16,3 +16,8 @@ def say(message: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top  (jax stays unloaded for config errors)
   if jax.process_index() == 0:
     tqdm.tqdm.write(message)
+
+
+def warn(message: str) -> None:
+  """Prints 'warning: <message>' on every process's console (each reports its own share)."""
+  tqdm.tqdm.write(f'warning: {message}')

@@ -142,6 +142,11 @@ class JsonlSource:
       line = f.readline()
     return parse_record(line, path, int(self._line_numbers[index]))
 
+  @property
+  def name(self) -> str:
+    """The files, for messages: 'a.jsonl, b.jsonl'."""
+    return ', '.join(self._files)
+
   def __repr__(self) -> str:
     return f'JsonlSource(files={self._files}, num_records={len(self)})'
 

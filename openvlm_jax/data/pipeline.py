@@ -27,6 +27,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from openvlm_jax import console
 from openvlm_jax.console import UserError
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import jsonl
@@ -149,11 +150,12 @@ def load_records(
       bad_records.add(str(error))
       continue
     kept.append(index)
+  label = getattr(source, 'name', None) or repr(source)
+  label += f' (shard {shard_index} of {shard_count})' if shard_count > 1 else ''
   if bad_records.count:
-    logging.warning('Data (shard %d/%d): %s', shard_index, shard_count, bad_records.summary())
+    console.warn(f'{label}: {bad_records.summary()}')
   else:
-    logging.info('Data (shard %d/%d): %d records, none skipped.', shard_index, shard_count,
-                 bad_records.total)
+    logging.info('%s: %d records, none skipped.', label, bad_records.total)
   if not kept:
     raise UserError(f'no usable records in {source!r} for shard {shard_index}/{shard_count}'
                     + (f'; the first bad one: {bad_records.first_offenders[0]}'

@@ -54,6 +54,10 @@ def data_files(config: ml_collections.ConfigDict, workdir: str,
   With `build_demo` False (every mode but train) the demo data must already be there.
   """
   if config.data.train_files:
+    for key in ('train_files', 'eval_files'):
+      for path in config.data[key]:
+        if not os.path.isfile(path):
+          raise UserError(f'config.data.{key}: no such file {path}')
     return tuple(config.data.train_files), tuple(config.data.eval_files)
   folder = os.path.join(workdir, 'data')
   if not build_demo:

@@ -110,7 +110,7 @@ def _bad_dataset(tmp_path, make_record, make_jsonl):
 
 
 def test_bad_records_are_skipped_counted_and_logged(tmp_path, tokenizer, make_record,
-                                                    make_jsonl, caplog):
+                                                    make_jsonl, caplog, capsys):
   path, reasons = _bad_dataset(tmp_path, make_record, make_jsonl)
   bad_records = pipeline.BadRecords()
   with caplog.at_level(logging.WARNING):
@@ -125,8 +125,9 @@ def test_bad_records_are_skipped_counted_and_logged(tmp_path, tokenizer, make_re
     assert re.search(reason, message), message
   summary = bad_records.summary()
   assert summary.startswith('skipped 9 of 11 records')
-  assert f'{path}:6: cannot decode image' in caplog.text
-  assert 'skipped 9 of 11 records' in caplog.text
+  printed = capsys.readouterr().out
+  assert f'warning: {path}: skipped 9 of 11 records' in printed
+  assert f'{path}:6: cannot decode image' in printed
 
 
 @pytest.mark.parametrize('line_no', range(2, 11))
