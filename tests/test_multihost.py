@@ -93,8 +93,8 @@ def test_two_processes_match_one(tmp_path):
   assert 'process 0 of 1, 8 local / 8 global devices' in outputs[0]
   assert 'process 0 of 2, 4 local / 8 global devices' in outputs[1]
   assert 'process 1 of 2, 4 local / 8 global devices' in outputs[2]
-  assert 'Data (shard 0/2): 4 records' in outputs[1]
-  assert 'Data (shard 1/2): 4 records' in outputs[2]
+  assert '(shard 0 of 2): 4 records, none skipped' in outputs[1]
+  assert '(shard 1 of 2): 4 records, none skipped' in outputs[2]
 
   # Same losses; metrics written once (by process 0), not once per process.
   single, multi = train_records(single_dir), train_records(multi_dir)
