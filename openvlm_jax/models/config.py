@@ -81,7 +81,7 @@ class LoraConfig:
   dropout: float = 0.0  # on the adapter's input, when a 'dropout' rng is given
   targets: tuple[str, ...] = ()  # regexes over module paths like 'llm/layers/attention/q_proj'
   base_dtype: str = 'float32'  # frozen base kernel of targets: 'float32' | 'bf16' | 'int8' | 'nf4'
-  projection_impl: str = 'xla'  # set from VLMConfig.projection_impl; see lora.LoraDense
+  projection_impl: str = 'xla'  # what the layers get is VLMConfig.layer_lora's; see LoraDense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +105,9 @@ class VLMConfig:
   lora: Optional[LoraConfig] = None
   projection_impl: str = 'xla'  # LoRA Dense layers: 'xla' | 'pallas' (fused kernel)
 
-  def __post_init__(self):
-    # The LoRA Dense layers read the projection implementation off the active LoraConfig.
-    if self.lora is not None and self.lora.projection_impl != self.projection_impl:
-      object.__setattr__(self, 'lora', dataclasses.replace(
-          self.lora, projection_impl=self.projection_impl))
+  @property
+  def layer_lora(self) -> Optional[LoraConfig]:
+    """The LoRA config the Dense layers get: `lora` with this model's `projection_impl`."""
+    if self.lora is None:
+      return None
+    return dataclasses.replace(self.lora, projection_impl=self.projection_impl)

@@ -12,7 +12,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from openvlm_jax.models import lora, matmul
+from openvlm_jax.models import lora as lora_lib
+from openvlm_jax.models import matmul
+from openvlm_jax.models.config import LoraConfig
 
 Dtype = Any
 LogicalNames = tuple[str | None, ...]
@@ -60,20 +62,20 @@ def dense(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
+    lora: LoraConfig | None = None,
 ) -> nn.Module:
   """A `nn.DenseGeneral` whose kernel and bias carry logical axis names.
 
   `kernel_names` names every kernel axis (contracted axes first, then features);
-  `bias_names` names the feature axes. While a LoRA config is active (see `lora.py`), a
-  `LoraDense` with the same parameters, plus adapters where its path is a target.
+  `bias_names` names the feature axes. With a `lora` config (rank > 0), a `LoraDense` with
+  the same parameters, plus adapters where its module path is one of the config's targets.
   """
-  lora_config = lora.current_config()
-  if lora_config is not None:
+  if lora is not None and lora.rank > 0:
     features = (features,) if isinstance(features, int) else tuple(features)
-    return lora.LoraDense(
+    return lora_lib.LoraDense(
         features=features, axis=(axis,) if isinstance(axis, int) else tuple(axis),
         kernel_names=tuple(kernel_names), bias_names=tuple(bias_names), use_bias=use_bias,
-        dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, lora=lora_config,
+        dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, lora=lora,
         name=name)
   return nn.DenseGeneral(
       features=features,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from openvlm_jax.models import attention, layers
-from openvlm_jax.models.config import LLMConfig, RopeScaling
+from openvlm_jax.models.config import LLMConfig, LoraConfig, RopeScaling
 
 ACTIVATION_NAMES = ('batch', 'length', 'embed')
 
@@ -71,11 +71,12 @@ class SelfAttention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   def setup(self):
     cfg = self.config
     head_dim = cfg.resolved_head_dim
-    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype, 'lora': self.lora}
     self.q_proj = layers.dense(
         (cfg.num_heads, head_dim), ('embed', 'heads', 'head_dim'), use_bias=cfg.qkv_bias,
         bias_names=('heads', 'head_dim'), name='q_proj', **kw)
@@ -125,11 +126,12 @@ class SwiGLU(nn.Module):
   config: LLMConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   @nn.compact
   def __call__(self, hidden):
     """hidden [batch, seq, embed] -> [batch, seq, embed]."""
-    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype, 'lora': self.lora}
     mlp_size = self.config.intermediate_size
     gate = layers.dense(mlp_size, ('embed', 'mlp'), name='gate_proj', **kw)(hidden)
     up = layers.dense(mlp_size, ('embed', 'mlp'), name='up_proj', **kw)(hidden)
@@ -144,6 +146,7 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   @nn.compact
   def __call__(self, hidden, cos, sin, mask, cache=None):
@@ -156,14 +159,15 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
     normed = layers.rms_norm(cfg.rms_norm_eps, name='input_norm', **kw)(hidden)
-    self_attention = SelfAttention(cfg, attention_impl=self.attention_impl, name='attention', **kw)
+    self_attention = SelfAttention(cfg, attention_impl=self.attention_impl, lora=self.lora,
+                                   name='attention', **kw)
     if cache is None:
       attended, new_cache = self_attention(normed, cos, sin, mask), None
     else:
       attended, new_cache = self_attention.attend_cached(normed, cos, sin, mask, *cache)
     hidden = hidden + attended
     normed = layers.rms_norm(cfg.rms_norm_eps, name='post_attention_norm', **kw)(hidden)
-    hidden = hidden + SwiGLU(cfg, name='mlp', **kw)(normed)
+    hidden = hidden + SwiGLU(cfg, lora=self.lora, name='mlp', **kw)(normed)
     return nn.with_logical_constraint(hidden, ACTIVATION_NAMES), new_cache
 
 
@@ -179,6 +183,7 @@ class LLM(nn.Module):
   remat: str = 'none'
   scan_layers: bool = True
   attention_impl: str = 'xla'
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   def setup(self):
     cfg = self.config
@@ -197,11 +202,12 @@ class LLM(nn.Module):
         in_axes=_LAYER_IN_AXES,
         config=cfg,
         attention_impl=self.attention_impl,
+        lora=self.lora,
         **kw,
     )
     self.final_norm = layers.rms_norm(cfg.rms_norm_eps, **kw)
     if not cfg.tie_embeddings:
-      self.lm_head = layers.dense(cfg.vocab_size, ('embed', 'vocab'), **kw)
+      self.lm_head = layers.dense(cfg.vocab_size, ('embed', 'vocab'), lora=self.lora, **kw)
     self.inv_freq = rope_inv_freq(cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:

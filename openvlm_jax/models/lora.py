@@ -1,7 +1,7 @@
 """LoRA and QLoRA Dense layers: y = x W + dropout(x) A B * alpha / rank.
 
-`layers.dense` builds a `LoraDense` while a LoRA config is active (`VLM` activates its
-`config.lora` around its methods with `active_config`). A `LoraDense` whose module path
+`layers.dense` builds a `LoraDense` when it is given a LoRA config (the modules pass theirs
+down as a field, from `VLMConfig.layer_lora`). A `LoraDense` whose module path
 (e.g. 'llm/layers/attention/q_proj') matches one of `LoraConfig.targets` gets 'lora_a'
 [in..., rank] (logical axes of W's inputs + 'lora_rank') and 'lora_b' [rank, out...]
 ('lora_rank' + W's output axes), B starting at zero; its frozen base kernel is stored as
@@ -10,7 +10,7 @@ configured: 'kernel' (float32 or bfloat16), 'kernel_int8' + 'kernel_scale', or '
 out...], sharded like the kernel's output axes), dequantized inside the layer. Other Dense
 layers compute exactly what `nn.DenseGeneral` computes, with the same parameters.
 
-With `LoraConfig.projection_impl == 'pallas'` (set from `VLMConfig.projection_impl`), a target
+With `LoraConfig.projection_impl == 'pallas'` (from `VLMConfig.projection_impl`), a target
 runs x W + (x A) B * alpha / rank as one fused Pallas kernel (`pallas_kernels.lora_projection`;
 interpret mode on CPU), whatever its base: float32, bf16, int8 or NF4, the quantized ones
 dequantized tile by tile inside the kernel. It falls back to the XLA path while LoRA dropout
@@ -19,12 +19,10 @@ only). A float base gets its gradient x^T dy from XLA in the backward pass, so a
 that the trainable rules train still trains; when it is frozen, XLA drops that unused matmul.
 """
 
-import contextlib
-import contextvars
 import functools
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -41,25 +39,6 @@ from pallas_kernels import lora_projection as pallas_lora
 
 LORA_PARAMS = ('lora_a', 'lora_b')
 QUANTIZED_PARAMS = ('kernel_int8', 'kernel_scale', 'kernel_nf4', 'kernel_absmax')
-_ACTIVE: contextvars.ContextVar[LoraConfig | None] = contextvars.ContextVar(
-    'lora_config', default=None)
-
-
-@contextlib.contextmanager
-def active_config(config: LoraConfig | None) -> Iterator[None]:
-  """Makes `config` the LoRA config that `layers.dense` reads while the block runs."""
-  token = _ACTIVE.set(config if config is not None and config.rank > 0 else None)
-  try:
-    yield
-  finally:
-    _ACTIVE.reset(token)
-
-
-def current_config() -> LoraConfig | None:
-  """The active LoRA config (rank > 0), or None."""
-  return _ACTIVE.get()
-
-
 def is_target(config: LoraConfig | None, module_path: str) -> bool:
   """Whether the Dense at `module_path` ('llm/layers/mlp/up_proj') gets adapters."""
   if config is None or config.rank <= 0:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from openvlm_jax.models import layers
+from openvlm_jax.models.config import LoraConfig
 
 PROJECTOR_KINDS = ('linear', 'mlp2x_gelu')
 
@@ -23,13 +24,15 @@ class Projector(nn.Module):
   use_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     """features [..., vision_embed] -> [..., embed]."""
     if self.kind not in PROJECTOR_KINDS:
       raise ValueError(f'unknown projector {self.kind!r}; expected one of {PROJECTOR_KINDS}')
-    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype, 'use_bias': self.use_bias}
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype, 'use_bias': self.use_bias,
+          'lora': self.lora}
     if self.kind == 'linear':
       return layers.dense(
           self.out_features, (None, 'embed'), bias_names=('embed',), name='linear_1', **kw

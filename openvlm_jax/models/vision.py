@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from openvlm_jax.models import attention, layers
-from openvlm_jax.models.config import VisionConfig
+from openvlm_jax.models.config import LoraConfig, VisionConfig
 
 ACTIVATION_NAMES = ('batch', 'length', 'embed')
 
@@ -37,13 +37,15 @@ class VisionAttention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   @nn.compact
   def __call__(self, hidden):
     """hidden [batch, tokens, embed] -> [batch, tokens, embed]."""
     cfg = self.config
     head_dim = cfg.hidden_size // cfg.num_heads
-    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype, 'use_bias': True}
+    kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype, 'use_bias': True,
+          'lora': self.lora}
     qkv_kw = {'kernel_names': ('embed', 'heads', 'head_dim'), 'bias_names': ('heads', 'head_dim')}
     query = layers.dense((cfg.num_heads, head_dim), name='q_proj', **qkv_kw, **kw)(hidden)
     key = layers.dense((cfg.num_heads, head_dim), name='k_proj', **qkv_kw, **kw)(hidden)
@@ -68,6 +70,7 @@ class EncoderLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = 'xla'
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   @nn.compact
   def __call__(self, carry, layer_index):
@@ -77,16 +80,17 @@ class EncoderLayer(nn.Module):
     kw = {'dtype': self.dtype, 'param_dtype': self.param_dtype}
     normed = layers.layer_norm(cfg.layer_norm_eps, name='norm1', **kw)(hidden)
     hidden = hidden + VisionAttention(
-        cfg, attention_impl=self.attention_impl, name='attention', **kw
+        cfg, attention_impl=self.attention_impl, lora=self.lora, name='attention', **kw
     )(normed)
     normed = layers.layer_norm(cfg.layer_norm_eps, name='norm2', **kw)(hidden)
     up = layers.dense(
         cfg.intermediate_size, ('embed', 'mlp'), use_bias=True, bias_names=('mlp',), name='fc1',
-        **kw,
+        lora=self.lora, **kw,
     )(normed)
     up = nn.with_logical_constraint(activation(cfg.hidden_act)(up), ('batch', 'length', 'mlp'))
     hidden = hidden + layers.dense(
-        cfg.hidden_size, ('mlp', 'embed'), use_bias=True, bias_names=('embed',), name='fc2', **kw
+        cfg.hidden_size, ('mlp', 'embed'), use_bias=True, bias_names=('embed',), name='fc2',
+        lora=self.lora, **kw
     )(up)
     hidden = nn.with_logical_constraint(hidden, ACTIVATION_NAMES)
     selected = jnp.where(layer_index + 1 == self.feature_index, hidden, selected)
@@ -105,6 +109,7 @@ class VisionTower(nn.Module):
   remat: str = 'none'
   scan_layers: bool = True
   attention_impl: str = 'xla'
+  lora: LoraConfig | None = None  # adapters on the Dense layers it targets (lora.py)
 
   @property
   def feature_index(self) -> int:
@@ -157,6 +162,7 @@ class VisionTower(nn.Module):
         config=cfg,
         feature_index=self.feature_index,
         attention_impl=self.attention_impl,
+        lora=self.lora,
         **kw,
     )
     self.post_norm = layers.layer_norm(cfg.layer_norm_eps, **kw)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from openvlm_jax.models import layers, lora
+from openvlm_jax.models import layers
 from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.llm import LLM
 from openvlm_jax.models.projector import Projector
@@ -54,6 +54,7 @@ class VLM(nn.Module):
     cfg = self.config
     kw = {'dtype': layers.to_dtype(cfg.dtype), 'param_dtype': layers.to_dtype(cfg.param_dtype)}
     stack_kw = {'remat': cfg.remat, 'scan_layers': cfg.scan_layers, 'attention_impl': cfg.attention_impl}
+    kw['lora'] = cfg.layer_lora
     self.vision = VisionTower(cfg.vision, **kw, **stack_kw)
     self.projector = Projector(
         cfg.projector, cfg.llm.hidden_size, use_bias=cfg.projector_bias, **kw
@@ -63,9 +64,8 @@ class VLM(nn.Module):
   def encode_images(self, images: jax.Array) -> jax.Array:
     """Projected image features: images [b, n, H, W, 3] -> [b, n, num_image_tokens, embed]."""
     batch, num_images = images.shape[:2]
-    with lora.active_config(self.config.lora):
-      features = self.vision(images.reshape(batch * num_images, *images.shape[2:]))
-      features = self.projector(features)  # [b * n, tokens, embed]
+    features = self.vision(images.reshape(batch * num_images, *images.shape[2:]))
+    features = self.projector(features)  # [b * n, tokens, embed]
     return features.reshape(batch, num_images, *features.shape[1:])
 
   def __call__(
@@ -97,21 +97,20 @@ class VLM(nn.Module):
     Returns:
       [batch, seq, vocab] float32 logits.
     """
-    with lora.active_config(self.config.lora):
-      text_embeds = self.llm.embed(input_ids)  # [batch, seq, embed]
-      if image_features is None and images is not None:
-        image_features = self.encode_images(images)
-      if image_features is not None:
-        text_embeds = merge_image_features(
-            input_ids, text_embeds, image_features, self.config.image_token_id
-        )
-      return self.llm(
-          inputs_embeds=text_embeds,
-          positions=positions,
-          attention_mask=attention_mask,
-          prefix_len=prefix_len,
-          deterministic=deterministic,
+    text_embeds = self.llm.embed(input_ids)  # [batch, seq, embed]
+    if image_features is None and images is not None:
+      image_features = self.encode_images(images)
+    if image_features is not None:
+      text_embeds = merge_image_features(
+          input_ids, text_embeds, image_features, self.config.image_token_id
       )
+    return self.llm(
+        inputs_embeds=text_embeds,
+        positions=positions,
+        attention_mask=attention_mask,
+        prefix_len=prefix_len,
+        deterministic=deterministic,
+    )
 
   def decode(
       self,
@@ -131,13 +130,12 @@ class VLM(nn.Module):
     prefix_len [batch], cache slots of the bidirectional prefix (prefix LM) or None.
     Returns (float32 logits [batch, chunk, vocab], the updated cache).
     """
-    with lora.active_config(self.config.lora):
-      text_embeds = self.llm.embed(input_ids)  # [batch, chunk, embed]
-      if image_features is not None:
-        text_embeds = merge_image_features(
-            input_ids, text_embeds, image_features, self.config.image_token_id)
-      return self.llm.decode(text_embeds, positions=positions, cache_mask=cache_mask,
-                             cache=cache, write_index=write_index, prefix_len=prefix_len)
+    text_embeds = self.llm.embed(input_ids)  # [batch, chunk, embed]
+    if image_features is not None:
+      text_embeds = merge_image_features(
+          input_ids, text_embeds, image_features, self.config.image_token_id)
+    return self.llm.decode(text_embeds, positions=positions, cache_mask=cache_mask,
+                           cache=cache, write_index=write_index, prefix_len=prefix_len)
 
 
 def dummy_inputs(config: VLMConfig, batch_size: int = 1, seq_len: int = 8) -> dict:

@@ -133,12 +133,13 @@ def test_pallas_projection_matches_xla_int8_base_with_pallas_attention():
 def test_projection_impl_reaches_lora_config():
   """VLMConfig.projection_impl is what the LoRA Dense layers read, also after a replace."""
   config = _vlm_config('float32', 'pallas')
-  assert config.lora.projection_impl == 'pallas'
+  assert config.layer_lora.projection_impl == 'pallas'
   swapped = dataclasses.replace(config, projection_impl='xla')
-  assert swapped.lora.projection_impl == 'xla'
+  assert swapped.layer_lora.projection_impl == 'xla'
   relora = dataclasses.replace(config, lora=LoraConfig(rank=2, targets=('llm/.*',)))
-  assert relora.lora.projection_impl == 'pallas'
-  assert lora.is_target(relora.lora, 'llm/layers/mlp/up_proj')
+  assert relora.layer_lora.projection_impl == 'pallas'
+  assert lora.is_target(relora.layer_lora, 'llm/layers/mlp/up_proj')
+  assert dataclasses.replace(config, lora=None).layer_lora is None
 
 
 def _traced_kernel_calls(config: VLMConfig, rngs: dict | None = None) -> int:
