@@ -366,7 +366,7 @@ def explain_flag_error(argv: Sequence[str], error: Exception) -> str:
     try:
       config = load_config_file(path, preset)
     except Exception as load_error:  # noqa: BLE001  (whatever the config file raised)
-      return f'--config={config_arg}: {_first_line(load_error)}'
+      return f'--config={config_arg}: {first_line(load_error)}'
     known = list(flat_items(config)) + [key for key, value in config.items()]
     for arg in argv:
       if not arg.startswith('--config.'):
@@ -376,9 +376,10 @@ def explain_flag_error(argv: Sequence[str], error: Exception) -> str:
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f'; did you mean --config.{close[0]}?' if close else ''
         return f'--config.{key}: the config has no key {key!r}{hint}'
-  return _first_line(error)
+  return first_line(error)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+  """The first non-blank line of an error's message (its type name if it has none)."""
   lines = [line for line in str(error).splitlines() if line.strip()]
   return lines[0].strip() if lines else type(error).__name__

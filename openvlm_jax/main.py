@@ -96,7 +96,7 @@ def main(argv):
   except Exception as error:  # pylint: disable=broad-except
     if _DEBUG.value or not is_user_error(error):
       raise
-    _exit_with(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    _exit_with(config_lib.first_line(error))
   if result:
     print(modes.format_result(mode, result))
 

@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import tempfile
-from typing import Any
 
 import ml_collections
 
@@ -99,8 +98,3 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
 def is_empty_folder(folder: str) -> bool:
   """True for a missing folder or one with no entries."""
   return not os.path.exists(folder) or (os.path.isdir(folder) and not os.listdir(folder))
-
-
-def describe(value: Any) -> str:
-  """A config value as it reads in a diff line."""
-  return json.dumps(value, default=str)

@@ -33,6 +33,7 @@ class EvalSet:
   prompts: list[np.ndarray]  # token ids [prompt_len_i] of each record's last question
   references: list[str | None]  # its answer, None for a question without one
   bad_records: pipeline.BadRecords
+  on_bad_record: str  # the policy it was read under, also for a record failing later
 
   def __len__(self) -> int:
     return len(self.records)
@@ -59,7 +60,7 @@ def load_eval_set(files: Sequence[str] | Any, spec: examples_lib.ExampleSpec, *,
     prompts.append(prompt)
     references.append(reference)
   return EvalSet(records=records, spec=spec, prompts=prompts, references=references,
-                 bad_records=bad_records)
+                 bad_records=bad_records, on_bad_record=on_bad_record)
 
 
 class Evaluator:
@@ -79,15 +80,11 @@ class Evaluator:
     self.seed = seed
     self.tokenizer = eval_set.spec.tokenizer
     self.objective = objective
-    self.eval_step = jax.jit(step_lib.make_eval_step(model, objective),
-                             in_shardings=(param_shardings, parallel.batch_sharding(mesh)))
-    self.generate = inference.make_generate_fn(model, sampling)
-    self._run_eval_step = parallel.under_mesh(self.eval_step, mesh, rules)
-    self._run_generate = parallel.under_mesh(self.generate, mesh, rules)
-
-  @property
-  def num_examples(self) -> int:
-    return len(self.eval_set)
+    eval_step = jax.jit(step_lib.make_eval_step(model, objective),
+                        in_shardings=(param_shardings, parallel.batch_sharding(mesh)))
+    self._run_eval_step = parallel.under_mesh(eval_step, mesh, rules)
+    self._run_generate = parallel.under_mesh(inference.make_generate_fn(model, sampling), mesh,
+                                             rules)
 
   def teacher_forced(self, params: Any) -> dict[str, float]:
     """The objective's metrics under teacher forcing, and `loss`, over the whole set."""
@@ -97,7 +94,8 @@ class Evaluator:
     num_batches = math.ceil(rows_per_process / self.local_batch_size)
     totals = {}
     for local_batch in pipeline.batches_of(self.eval_set.records, indices, self.eval_set.spec,
-                                           self.local_batch_size, num_batches=num_batches):
+                                           self.local_batch_size, num_batches=num_batches,
+                                           on_bad_record=self.eval_set.on_bad_record):
       sums = self._run_eval_step(params, parallel.global_batch(local_batch, self.mesh))
       for name, value in jax.device_get(sums).items():
         totals[name] = totals.get(name, 0.0) + float(value)

@@ -1,5 +1,6 @@
 """The training loop, top to bottom: data, model, restore or init, compile, then step."""
 
+import json
 import signal
 import time
 
@@ -69,7 +70,7 @@ def check_resume_config(manager, step: int, config: ml_collections.ConfigDict) -
   changes = config_lib.config_changes(saved, config)
   if not changes:
     return
-  lines = [f'  {key}: {workdir_lib.describe(old)} -> {workdir_lib.describe(new)}'
+  lines = [f'  {key}: {json.dumps(old, default=str)} -> {json.dumps(new, default=str)}'
            for key, old, new in changes]
   refused = [key for key, _, _ in changes if config_lib.changes_state_shapes(key)]
   if refused:
