@@ -109,7 +109,9 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # Decode every image fully when validating (catches truncated files up front); False for
   # very large sets, where a late decode failure is then dropped and logged once.
   config.data.decode_images = True
-  config.data.demo_task = 'read'  # the embedded dataset's task: 'read' | 'sum' (see data/digits.py)
+  # The embedded dataset: 'read' | 'sum' (digits, data/digits.py) | 'charts' (data/charts.py).
+  config.data.demo_task = 'read'
+  config.data.demo_train_repeats = 1  # digits: training records led by each training digit
 
   config.objective = ml_collections.ConfigDict()
   config.objective.name = 'sft'
@@ -268,6 +270,7 @@ CHOICES = {
     'model.llm.family': ('llama', 'qwen2', 'mistral'),
     'lora.base_dtype': ('float32', 'bf16', 'int8', 'nf4'),
     'objective.name': ('sft', 'quantitative'),
+    'data.demo_task': ('read', 'sum', 'charts'),
     'export.dtype': ('float32', 'bfloat16'),
     'export.format': ('merged', 'peft'),
 }

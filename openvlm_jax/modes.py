@@ -10,7 +10,6 @@ from absl import logging
 from openvlm_jax import checkpoint, objectives
 from openvlm_jax import workdir as workdir_lib
 from openvlm_jax.console import UserError, say
-from openvlm_jax.data import conversation
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.hf import io as hf_io
 from openvlm_jax.hf import peft_export
@@ -54,10 +53,16 @@ def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: di
   run = setup.make_run(config, workdir, build_demo=False)
   if not run.has_eval:
     raise UserError('--mode=eval needs eval data: --config.data.eval_files=<file.jsonl>')
-  evaluator, params, step = restored_evaluator(run, setup.load_eval_set(run))
+  eval_set = setup.load_eval_set(run)
+  evaluator, params, step = restored_evaluator(run, eval_set)
   metrics = evaluator.teacher_forced(params)
-  metrics.update(evaluator.generated(params))
+  answers = evaluator.answers(params)
+  metrics.update(evaluator.generated(params, answers))
   logging.info('eval of step %d: %s', step, metrics)
+  by_type = evaluate.score_by_type(answers, eval_set)
+  if by_type:  # records labelled with a `question_type` (e.g. the chart benchmark)
+    say(evaluate.format_by_type(by_type))
+    return dict(step=step, **metrics, by_question_type=by_type)
   return dict(step=step, **metrics)
 
 
@@ -79,9 +84,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
   questions = setup.load_eval_set(run, [section.input], check=examples_lib.check_question)
   evaluator, params, step = restored_evaluator(run, questions)
   answers = evaluator.answers(params)
-  metrics = evaluate.score(answers, questions.references, prefix='')
-  rows = [question_row(questions.record(i), questions.references[i])
-          for i in range(len(questions))]
+  metrics = evaluate.score(answers, questions, prefix='')
+  rows = [question_row(questions, i) for i in range(len(questions))]
   with open(output, 'w') as f:
     f.writelines(json.dumps({'id': row['id'], 'image': row['image_paths'],
                              'question': row['question'], 'answer': answer['answer'],
@@ -97,12 +101,11 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
               skipped=questions.bad_records.count, **metrics)
 
 
-def question_row(record: dict, reference: str | None) -> dict:
-  """A record to answer as the flat row predictions are written with."""
-  question = next((turn['value'] for turn in reversed(record['conversations'])
-                   if conversation.ROLES.get(turn.get('from')) == 'user'), '')
+def question_row(questions: evaluate.EvalSet, index: int) -> dict:
+  """Record `index` of `questions` as the flat row predictions are written with."""
+  record = questions.record(index)
   return {'id': record['id'], 'image_paths': record.get('image_paths') or [],
-          'question': question, 'answer': reference}
+          'question': questions.questions[index], 'answer': questions.references[index]}
 
 
 def export(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -107,3 +107,22 @@ def test_model_source_and_runtime_fields():
   config.model.vision_from = '/models/clip'
   assert config_lib.model_source(config.model) == 'stage1'
   assert sorted(config_lib.runtime_fields(config.model)) == sorted(config_lib.RUNTIME_FIELDS)
+
+
+@pytest.mark.parametrize('name', ['sft', 'quantitative', 'charts'])
+def test_every_recipe_passes_the_config_check_and_shows_its_numbers(name):
+  module = __import__(f'configs.{name}', fromlist=['get_config'])
+  config = module.get_config()
+  config_lib.check_config(config)  # no placeholder left unset, every choice known
+  for key in config_lib.RECIPE_KEYS:
+    section, field = key.rsplit('.', 1)
+    assert config[section][field] is not None, key
+
+
+def test_the_chart_recipe_reads_charts_with_the_number_token_loss():
+  from configs import charts  # pylint: disable=g-import-not-at-top
+  config = charts.get_config('objective=quantitative,kind=mse,weight=1.0')
+  assert (config.data.demo_task, config.objective.ntl_kind) == ('charts', 'mse')
+  assert config.objective.ntl_weight == 1.0 and config.objective.number_tokens == 'digits'
+  vlm_config = config_lib.build_vlm_config(config.model, vocab_size=512, image_token_id=3)
+  assert vlm_config.vision.num_image_tokens == 64 < config.data.seq_len

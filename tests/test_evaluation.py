@@ -37,8 +37,8 @@ def test_parse_number_rejects_non_numbers(text):
     ('-98', '-100', False, False, True),
     ('0.1', '0', False, False, False),  # a zero target needs an exact match
     ('0', '0', True, True, True),
-    ('Yes', 'yes', True, True, True),
-    ('Paris.', 'paris', True, True, True),
+    ('Yes', 'yes', False, True, True),
+    ('Paris.', 'paris', False, True, True),
     ('Lyon', 'Paris', False, False, False),
     ('12%', '12', False, True, True),
     ('twelve', '12', False, False, False),
@@ -46,12 +46,37 @@ def test_parse_number_rejects_non_numbers(text):
 def test_metrics_on_a_table_of_cases(prediction, target, exact, numeric, relaxed):
   assert evaluation.exact_match(prediction, target) is exact
   assert evaluation.numeric_exact_match(prediction, target) is numeric
-  assert evaluation.relaxed_match(prediction, target) is relaxed
+  assert evaluation.normalized_exact_match(prediction, target) is numeric
+  assert evaluation.relaxed_match(prediction, target, question='') is relaxed
 
 
-def test_score_answers_averages():
-  scores = evaluation.score_answers(['15', '104', 'x', '1,000'], ['15', '100', 'y', '1000'])
-  assert scores == {'exact_match': 0.25, 'numeric_exact_match': 0.5, 'relaxed_accuracy': 0.75,
-                    'num_examples': 4.0}
+@pytest.mark.parametrize('answer,question,normalized', [
+    ('15.', '', '15'),
+    ('15.0', '', '15'),
+    ('1,500', '', '1500'),
+    ('1.5k', '', '1500'),
+    ('2 bn', '', '2000000000'),
+    ('12%', 'What share is it?', '12'),
+    ('1,500 mm.', 'What is the rainfall for Mar, in mm?', '1500'),
+    ('11.2 °C', 'What is the highest value shown, in °C?', '11.2'),
+    ('7 bar', 'What is the pressure?', '7 bar'),  # a unit the question did not name stays
+    ('Jul!', 'Which month has the highest value?', 'jul'),
+])
+def test_normalize_answer(answer, question, normalized):
+  assert evaluation.normalize_answer(answer, question) == normalized
+
+
+def test_score_answers_reports_raw_and_normalised_scores():
+  scores = evaluation.score_answers(['15', '104', 'x', '1,000.'], ['15', '100', 'y', '1000'])
+  assert scores == pytest.approx({
+      'exact_match': 0.25, 'normalized_exact_match': 0.5, 'relaxed_accuracy': 0.75,
+      'raw_relaxed_accuracy': 0.5, 'mean_relative_error': (0 + 0.04 + 0) / 3,
+      'num_examples': 4.0})
+  # A trailing dot and a named unit cost the raw scores only.
+  scores = evaluation.score_answers(['11.2 mm.', '3.'], ['11.2', '3'],
+                                    ['What is it, in mm?', 'How many?'])
+  assert scores['exact_match'] == 0 and scores['raw_relaxed_accuracy'] == 0.5
+  assert scores['normalized_exact_match'] == scores['relaxed_accuracy'] == 1.0
+  assert scores['mean_relative_error'] == 0.0
   with pytest.raises(ValueError):
     evaluation.score_answers(['1'], [])

@@ -4,7 +4,10 @@
 builds offline. It is written to disk in the same format a user's data has, so training on it
 exercises the real input path. Tasks:
   'read': one digit per image; "What number is shown?" -> "7".
-  'sum':  two or three digits side by side; "What is the sum of these digits?" -> "15".
+  'sum':  two or three digits in the cells of a 2x2 grid; "What is the sum of these
+          digits?" -> "15". Each training digit leads `train_repeats` records (other digits
+          drawn at random from the training digits), so the training set can grow well past
+          the 1527 images; each held-out digit leads one.
 The train/eval split is over the digit images, so no eval digit appears in training.
 """
 
@@ -46,6 +49,16 @@ def _to_png(pixels_8bit: np.ndarray, image_size: int, path: str) -> None:
   image.resize((image_size, image_size), resample=resample).convert('RGB').save(path)
 
 
+def _sum_grid(digit_images: np.ndarray, chosen: np.ndarray, rng: np.random.Generator):
+  """The digits `chosen`, in reading order, in random distinct cells of a 2x2 grid: [16, 16]."""
+  cells = np.sort(rng.choice(4, size=len(chosen), replace=False))
+  grid = np.zeros((16, 16), np.float32)
+  for cell, index in zip(cells, chosen):
+    top, left = 8 * (cell // 2), 8 * (cell % 2)
+    grid[top:top + 8, left:left + 8] = digit_images[index]
+  return grid
+
+
 def _records_for_split(
     split: str,
     digit_indices: np.ndarray,
@@ -54,22 +67,28 @@ def _records_for_split(
     *,
     task: str,
     image_size: int,
+    repeats: int,
     out_dir: str,
     rng: np.random.Generator,
 ) -> list[dict]:
-  """Writes the PNGs of one split and returns its LLaVA records."""
+  """Writes the PNGs of one split and returns its LLaVA records (`repeats` per digit)."""
   records = []
-  for number, index in enumerate(digit_indices):
+  leading = np.repeat(digit_indices, repeats)
+  for number, index in enumerate(leading):
     if task == 'read':
       chosen = np.asarray([index])
       question = _READ_QUESTIONS[rng.integers(len(_READ_QUESTIONS))]
       answer = str(labels[index])
+      strip = digit_images[index]  # [8, 8]
     else:
-      others = rng.choice(digit_indices, size=rng.integers(1, 3), replace=False)
-      chosen = np.concatenate([[index], others])
+      # Training images hold 1-3 digits (one digit: its sum is itself, which teaches reading
+      # a cell), held-out images 2-3.
+      num_others = rng.integers(0 if split == 'train' else 1, 3)
+      others = rng.choice(digit_indices[digit_indices != index], size=num_others, replace=False)
+      chosen = rng.permutation(np.concatenate([[index], others]))
       question = _SUM_QUESTIONS[rng.integers(len(_SUM_QUESTIONS))]
       answer = str(int(labels[chosen].sum()))
-    strip = np.concatenate([digit_images[i] for i in chosen], axis=1)  # [8, 8 * num_digits]
+      strip = _sum_grid(digit_images, chosen, rng)  # [16, 16]
     pixels_8bit = np.round(strip * (255.0 / 16.0)).astype(np.uint8)
     image_name = f'images/{task}_{split}_{number:05d}.png'
     _to_png(pixels_8bit, image_size, os.path.join(out_dir, image_name))
@@ -91,6 +110,7 @@ def build_digits_dataset(
     eval_fraction: float = 0.15,
     image_size: int = 32,
     task: str = 'read',
+    train_repeats: int = 1,
 ) -> dict[str, str]:
   """Builds the digits dataset in `out_dir` once; later calls with the same options reuse it.
 
@@ -103,19 +123,22 @@ def build_digits_dataset(
     eval_fraction: share of the 1797 digit images held out for evaluation.
     image_size: side of the square RGB PNGs.
     task: 'read' (one digit, answer the digit) or 'sum' (2-3 digits, answer their sum).
+    train_repeats: records each training digit leads (the eval split has one per digit).
 
   Returns:
     `{"train": path, "eval": path}` of the JSONL files.
   """
   if task not in TASKS:
     raise UserError(f'task must be one of {TASKS}, got {task!r}')
+  if train_repeats < 1:
+    raise UserError(f'train_repeats must be >= 1, got {train_repeats}')
   if not 0.0 < eval_fraction < 1.0:
     raise UserError(f'eval_fraction must be in (0, 1), got {eval_fraction}')
   from sklearn import datasets  # pylint: disable=g-import-not-at-top (slow import)
 
   paths = {split: os.path.join(out_dir, f'{split}.jsonl') for split in ('train', 'eval')}
   options = {'seed': seed, 'eval_fraction': eval_fraction, 'image_size': image_size,
-             'task': task}
+             'task': task, 'train_repeats': train_repeats}
   marker = os.path.join(out_dir, _MARKER)
   if os.path.exists(marker):
     with open(marker) as f:
@@ -136,7 +159,7 @@ def build_digits_dataset(
   for split, indices in split_indices.items():
     records = _records_for_split(
         split, indices, digit_images, labels, task=task, image_size=image_size,
-        out_dir=out_dir, rng=rng)
+        repeats=train_repeats if split == 'train' else 1, out_dir=out_dir, rng=rng)
     with open(paths[split], 'w') as f:
       f.writelines(json.dumps(record) + '\n' for record in records)
   with open(marker, 'w') as f:

@@ -79,17 +79,22 @@ def _check_images(record: dict[str, Any], decode_images: bool) -> None:
 
 def check_record(
     record: dict[str, Any], spec: ExampleSpec, decode_images: bool = True
-) -> None:
+) -> dict[str, np.ndarray]:
   """Validates a training record: its conversation encodes and fits, its images are sound.
 
   Images are decoded fully (`decode_images`), or checked with Pillow's cheap `verify()`,
   which lets e.g. a truncated JPEG through.
 
+  Returns:
+    The record's tokens (`encode_tokens`), which the pipeline keeps so that no record is
+    tokenized again.
+
   Raises:
     ValueError: with the reason (no file:line; callers add it).
   """
-  encode_tokens(record, spec)
+  tokens = encode_tokens(record, spec)
   _check_images(record, decode_images)
+  return tokens
 
 
 def encode_prompt(record: dict[str, Any], spec: ExampleSpec) -> tuple[np.ndarray, str | None]:
@@ -147,11 +152,13 @@ def prefix_length(loss_mask: np.ndarray) -> int:
 def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
   """Encodes one record into a fixed-size example (see the module docstring for fields).
 
+  A record that carries its `tokens` (validated by `check_record`) is not tokenized again.
+
   Raises:
     ValueError: `"path:line: reason"` when the record cannot be encoded.
   """
   try:
-    tokens = encode_tokens(record, spec)
+    tokens = record.get('tokens') or encode_tokens(record, spec)
     pixels = load_images(record, spec)
   except ValueError as error:
     raise ValueError(f"{record.get('where', '?')}: {error}") from error

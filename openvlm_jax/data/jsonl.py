@@ -45,7 +45,10 @@ def parse_record(line: str | bytes, path: str, line_no: int) -> dict[str, Any]:
     line_no: 1-based line number, for error messages.
 
   Returns:
-    `{"where": "path:line", "id": ..., "conversations": [...], "image_paths": [str]}`.
+    `{"where": "path:line", "id": ..., "conversations": [...], "image_paths": [str],
+    "question_type": str | None, "answer_kind": 'number' | 'label' | None}`: optional
+    fields eval reads (scores per question type; a 'label' answer, such as the year naming
+    a bar, is scored by exact match only).
     Conversation content is checked later, by `conversation.to_messages`.
 
   Raises:
@@ -78,12 +81,20 @@ def parse_record(line: str | bytes, path: str, line_no: int) -> dict[str, Any]:
     image_paths = [resolve_image_path(root, image) for image in images]
   except ValueError as error:
     raise ValueError(f'{where}: {error}') from error
+  question_type = record.get('question_type')
+  if question_type is not None and not isinstance(question_type, str):
+    raise ValueError(f"{where}: 'question_type' must be a string")
+  answer_kind = record.get('answer_kind')
+  if answer_kind not in (None, 'number', 'label'):
+    raise ValueError(f"{where}: 'answer_kind' must be 'number' or 'label', got {answer_kind!r}")
   return {
       'where': where,
       'id': (str(record['id']) if record.get('id') is not None
              else f'{os.path.basename(path)}:{line_no}'),
       'conversations': record['conversations'],
       'image_paths': image_paths,
+      'question_type': question_type,
+      'answer_kind': answer_kind,
   }
 
 

@@ -64,18 +64,35 @@ def _check_policy(on_bad_record: str) -> None:
 
 
 class SubsetSource:
-  """The records of `source` at `indices`, in that order (a Grain random-access source)."""
+  """The records of `source` at `indices`, in that order (a Grain random-access source).
 
-  def __init__(self, source: Any, indices: Sequence[int]):
+  With `tokens` (one `examples.encode_tokens` result per record, from validation) each
+  record comes with its `tokens`, so it is tokenized once per run, not once per epoch. They
+  are held as two flat arrays (int32 ids, bool loss mask: 5 bytes a token) and offsets.
+  """
+
+  def __init__(self, source: Any, indices: Sequence[int],
+               tokens: Sequence[dict[str, np.ndarray]] | None = None):
     """`source` needs `__len__`, `__getitem__` and `where(index)`."""
     self._source = source
     self._indices = np.asarray(indices, dtype=np.int64)  # [num_records]
+    self._token_ids = self._loss_mask = self._offsets = None
+    if tokens is not None:
+      lengths = [len(t['input_ids']) for t in tokens]
+      self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+      self._token_ids = np.concatenate([t['input_ids'] for t in tokens] or [[]]).astype(np.int32)
+      self._loss_mask = np.concatenate([t['loss_mask'] for t in tokens] or [[]]).astype(bool)
 
   def __len__(self) -> int:
     return len(self._indices)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._source[int(self._indices[index])]
+    record = self._source[int(self._indices[index])]
+    if self._offsets is not None:
+      start, end = self._offsets[index], self._offsets[index + 1]
+      record = dict(record, tokens={'input_ids': self._token_ids[start:end],
+                                    'loss_mask': self._loss_mask[start:end].astype(np.int32)})
+    return record
 
   def where(self, index: int) -> str:
     """Where record `index` comes from, e.g. `path:line`."""
@@ -83,6 +100,14 @@ class SubsetSource:
 
   def __repr__(self) -> str:
     return f'SubsetSource({self._source!r}, num_records={len(self)})'
+
+
+def _compact(tokens: Any) -> dict[str, np.ndarray] | None:
+  """A check's tokens as kept for a run (int32 ids, bool mask); None if it returned none."""
+  if not isinstance(tokens, dict) or not {'input_ids', 'loss_mask'} <= tokens.keys():
+    return None
+  return {'input_ids': np.asarray(tokens['input_ids'], np.int32),
+          'loss_mask': np.asarray(tokens['loss_mask']).astype(bool)}
 
 
 def _as_source(data: Sequence[str] | str | Any) -> Any:
@@ -125,7 +150,8 @@ def load_records(
       truncated JPEGs, which Pillow's cheap `verify()` lets through); False for very large
       sets, where a late decode failure is then dropped and logged once.
     check: validates one record (`examples.check_record` for training,
-      `examples.check_question` for records to answer).
+      `examples.check_question` for records to answer). The tokens it returns
+      (`check_record`'s `{"input_ids", "loss_mask"}`) travel with the records.
 
   Returns:
     A `SubsetSource` over the records that passed.
@@ -135,13 +161,13 @@ def load_records(
     raise ValueError(f'shard_index={shard_index} is not in [0, shard_count={shard_count})')
   source = _as_source(data)
   bad_records = BadRecords() if bad_records is None else bad_records
-  kept = []
+  kept, kept_tokens = [], []
   for index in range(shard_index, len(source), shard_count):
     bad_records.total += 1
     try:
       record = source[index]  # raises with its location
       try:
-        check(record, spec, decode_images)
+        tokens = check(record, spec, decode_images)
       except ValueError as error:
         raise ValueError(f'{source.where(index)}: {error}') from error
     except ValueError as error:
@@ -150,6 +176,7 @@ def load_records(
       bad_records.add(str(error))
       continue
     kept.append(index)
+    kept_tokens.append(_compact(tokens))
   label = getattr(source, 'name', None) or repr(source)
   label += f' (shard {shard_index} of {shard_count})' if shard_count > 1 else ''
   if bad_records.count:
@@ -160,7 +187,8 @@ def load_records(
     raise UserError(f'no usable records in {source!r} for shard {shard_index}/{shard_count}'
                     + (f'; the first bad one: {bad_records.first_offenders[0]}'
                        if bad_records.first_offenders else ''))
-  return SubsetSource(source, kept)
+  has_tokens = all(tokens is not None for tokens in kept_tokens)
+  return SubsetSource(source, kept, kept_tokens if has_tokens else None)
 
 
 def _example_or_skip(

@@ -6,7 +6,8 @@ Tables, one row per:
   examples     a question of a run: id ("<run>/<example>"), run_id, example_id, question,
                image_paths (JSON list), reference (the expected answer, or null)
   predictions  an answer: id (= the example's id), run_id, example_id, answer, num_tokens,
-               exact_match, numeric_exact_match, relaxed_match (null without a reference)
+               exact_match (raw), numeric_exact_match, relaxed_match (normalised; null
+               without a reference)
   metrics      a run's aggregate: run_id, name, value
 `predictions.answer` and `examples.question` have full-text search (FTS5, kept current by
 triggers), so Datasette shows a search box on them. Several runs share one database.
@@ -45,7 +46,7 @@ def export_predictions(
   Args:
     db_path: the SQLite file.
     questions: `{"id", "image_paths", "question", "answer" (reference or None)}` each, as
-      `inference.read_questions` returns them.
+      `modes.question_row` writes them.
     answers: `{"answer", "num_tokens"}` each, in the order of `questions`.
     config: the run's config as plain data (e.g. `config.to_dict()`), stored as JSON.
     metrics: aggregate metrics of the run (name -> number).
@@ -78,7 +79,9 @@ def export_predictions(
         'num_tokens': int(answer.get('num_tokens', 0)),
         'exact_match': _match(evaluation.exact_match, text, reference),
         'numeric_exact_match': _match(evaluation.numeric_exact_match, text, reference),
-        'relaxed_match': _match(evaluation.relaxed_match, text, reference),
+        'relaxed_match': _match(
+            lambda a, r: evaluation.relaxed_match(a, r, question=question['question']),
+            text, reference),
     })
   # Typed up front: the first rows may hold only nulls in these columns.
   match_columns = dict.fromkeys(('exact_match', 'numeric_exact_match', 'relaxed_match'), int)

@@ -6,9 +6,11 @@ know of a loss:
       micro-batches and devices add up. `logits_fn(batch) -> [batch, seq, vocab]` runs the
       model; an objective that needs two sequences (DPO) or a reference forward calls it as
       often as it needs. Rows whose `batch['example_mask']` is 0 (eval padding) add nothing.
-  loss_term: the summed term that is minimised.
-  normalizer: the summed term the loss is divided by, over the whole global batch (target
-      tokens for SFT; pairs for DPO, ...): loss = sum(loss_term) / sum(normalizer).
+  counts(batch) -> {name: float32 scalar}: the normalizers, computed from the batch alone
+      (target tokens for SFT, number tokens for NTL, pairs for DPO, ...); `terms` include them.
+  loss: ((term, weight, count), ...): loss = sum(weight * sum(term) / sum(count)), sums over the
+      whole global batch (`Objective.loss_of`), e.g. quantitative's CE per target token plus
+      lambda * NTL per number token.
   metrics(sums) -> {name: value}: what it reports, from summed terms (device arrays in the
       step, host floats in the eval); the first one is the headline of the closing line.
   shown: metrics that join the loss on the console's training line.

@@ -6,13 +6,15 @@ distribution over the number tokens (a softmax over their logits only) is compar
 true value y:
   'was' (the default): sum_j p_j |v_j - y|, the Wasserstein-1 distance to a point mass at y;
   'mse':               (sum_j p_j v_j - y)^2, the squared error of the expected value.
-Total loss = cross-entropy + ntl_weight * NTL. Both are summed over target tokens and the
-train step divides the sum by the global number of target tokens, as for `sft`.
+Loss = CE + ntl_weight * NTL, as in the paper and its package (`ntloss`): CE is the mean over
+target tokens and NTL the mean over target positions whose token is a number token, each
+over the whole global batch (the objective's `loss` names both counts).
 
-Number tokens come from the tokenizer: every token whose text, with a leading word-boundary
-marker removed ('Ġ4' of byte-level BPE, '▁4' of SentencePiece, plain '4'), is a run of ASCII
-digits, valued as that integer. This covers single-digit tokenizers (Llama, Qwen2, the demo)
-and tokenizers with multi-digit number tokens ('123' -> 123).
+Number tokens come from the tokenizer (`number_tokens='digits' | 'all'`):
+  'digits' (the paper's default): the ten tokens that are exactly one ASCII digit, '0'..'9'.
+  'all': every token whose text, with a leading word-boundary marker removed ('Ġ4' of
+      byte-level BPE, '▁4' of SentencePiece, plain '4'), is a run of ASCII digits, valued as
+      that integer ('123' -> 123), for tokenizers with multi-digit number tokens.
 """
 
 import dataclasses
@@ -22,11 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from openvlm_jax import console
 from openvlm_jax.console import UserError
 from openvlm_jax.objectives import sft
 from openvlm_jax.objectives.contract import Objective
 
 NTL_KINDS = ('was', 'mse')
+NUMBER_TOKEN_SETS = ('digits', 'all')
 _BOUNDARY_MARKERS = ('Ġ', '▁', ' ')
 
 
@@ -56,18 +60,25 @@ def token_number_value(token: str) -> int | None:
   return None
 
 
-def number_tokens_of(tokenizer: Any) -> NumberTokens:
+def number_tokens_of(tokenizer: Any, which: str = 'digits') -> NumberTokens:
   """Finds the number tokens of a Hugging Face tokenizer (special tokens excluded).
 
+  `which`: 'digits' keeps the single-digit tokens '0'..'9' only, 'all' every number token
+  (see the module docstring).
+
   Raises:
-    ValueError: if the vocabulary has no number token.
+    UserError: if the vocabulary has no such token.
   """
+  if which not in NUMBER_TOKEN_SETS:
+    raise UserError(f'number tokens must be one of {NUMBER_TOKEN_SETS}, got {which!r}')
   special_ids = set(getattr(tokenizer, 'all_special_ids', ()) or ())
   found = sorted(
       (token_id, value) for token, token_id in tokenizer.get_vocab().items()
-      if token_id not in special_ids and (value := token_number_value(token)) is not None)
+      if token_id not in special_ids and (value := token_number_value(token)) is not None
+      and (which == 'all' or (len(token) == 1 and token.isdigit())))
   if not found:
-    raise UserError('the tokenizer has no number tokens; the quantitative objective needs them')
+    raise UserError(f'the tokenizer has no number tokens ({which}); the quantitative '
+                    'objective needs them')
   ids, values = zip(*found)
   return NumberTokens(ids=np.asarray(ids, np.int32), values=np.asarray(values, np.float32))
 
@@ -104,45 +115,62 @@ def number_token_loss(logits: jax.Array, targets: jax.Array, number_tokens: Numb
   return jnp.where(is_number, ntl, 0.0), is_number.astype(jnp.float32)
 
 
-def loss_terms(logits: jax.Array, batch: dict, *, number_tokens: NumberTokens,
-               ntl_weight: float = 0.3, ntl_kind: str = 'was') -> dict:
-  """`sft.loss_terms` plus the number-token loss; `loss_sum` = nll_sum + ntl_weight * ntl_sum.
+def number_target_mask(batch: dict, number_tokens: NumberTokens) -> jax.Array:
+  """float32 [batch, seq]: target positions under the loss whose token is a number token."""
+  is_number = jnp.isin(batch['targets'], jnp.asarray(number_tokens.ids))
+  return is_number.astype(jnp.float32) * sft.target_mask_of(batch)
 
-  Adds `ntl_sum` and `number_tokens` (target number tokens under the loss mask), float32
-  scalars that add up over micro-batches and devices like the others.
-  """
-  terms = sft.loss_terms(logits, batch)
-  ntl, is_number = number_token_loss(logits, batch['targets'], number_tokens, ntl_kind)
-  loss_mask = batch['loss_mask'].astype(jnp.float32)  # [batch, seq]
-  if 'example_mask' in batch:
-    loss_mask = loss_mask * batch['example_mask'].astype(jnp.float32)[:, None]
-  ntl_sum = jnp.sum(ntl * loss_mask)
-  return dict(terms, loss_sum=terms['nll_sum'] + jnp.float32(ntl_weight) * ntl_sum,
-              ntl_sum=ntl_sum, number_tokens=jnp.sum(is_number * loss_mask))
+
+def counts(batch: dict, number_tokens: NumberTokens) -> dict:
+  """`sft.counts` plus `number_tokens`, the target number tokens under the loss mask."""
+  return dict(sft.counts(batch), number_tokens=jnp.sum(number_target_mask(batch, number_tokens)))
+
+
+def loss_terms(logits: jax.Array, batch: dict, *, number_tokens: NumberTokens,
+               ntl_kind: str = 'was') -> dict:
+  """`sft.loss_terms` plus `ntl_sum` (NTL summed over target number tokens) and its count."""
+  ntl, _ = number_token_loss(logits, batch['targets'], number_tokens, ntl_kind)
+  ntl_sum = jnp.sum(ntl * number_target_mask(batch, number_tokens))
+  return dict(sft.loss_terms(logits, batch), **counts(batch, number_tokens), ntl_sum=ntl_sum)
 
 
 def metrics(sums: dict) -> dict:
-  """`sft.metrics` plus `ntl`, the number-token loss per target number token."""
-  return dict(sft.metrics(sums), ntl=sums['ntl_sum'] / jnp.maximum(sums['number_tokens'], 1.0))
+  """`sft.metrics` plus `ce` (per target token) and `ntl` (per target number token)."""
+  return dict(sft.metrics(sums), ce=sums['nll_sum'] / jnp.maximum(sums['num_tokens'], 1.0),
+              ntl=sums['ntl_sum'] / jnp.maximum(sums['number_tokens'], 1.0))
 
 
 def make(section: Any, tokenizer: Any) -> Objective:
-  """The `quantitative` objective from `config.objective` (`ntl_weight`, `ntl_kind`).
+  """The `quantitative` objective from `config.objective`.
+
+  Options: `ntl_weight` (lambda), `ntl_kind` ('was' | 'mse'), `number_tokens`
+  ('digits' | 'all').
 
   Raises:
-    UserError: without a tokenizer, or for an unknown `ntl_kind`.
+    UserError: without a tokenizer, or for an unknown option value.
   """
   if tokenizer is None:
     raise UserError("objective 'quantitative' needs the tokenizer (for its number tokens)")
   ntl_kind = section.get('ntl_kind', 'was')
   if ntl_kind not in NTL_KINDS:
     raise UserError(f'config.objective.ntl_kind={ntl_kind!r}: must be one of {list(NTL_KINDS)}')
-  number_tokens = number_tokens_of(tokenizer)
+  which = section.get('number_tokens', 'digits')
+  if which not in NUMBER_TOKEN_SETS:
+    raise UserError(f'config.objective.number_tokens={which!r}: must be one of '
+                    f'{list(NUMBER_TOKEN_SETS)}')
+  number_tokens = number_tokens_of(tokenizer, which)
+  if which == 'digits':
+    every = number_tokens_of(tokenizer, 'all')
+    if len(every.ids) > len(number_tokens.ids):
+      console.warn(f"config.objective.number_tokens='digits': {len(every.ids) - len(number_tokens.ids)}"
+                   " other number tokens of the tokenizer (e.g. 'Ġ7', '42') get no NTL; 'all' "
+                   'covers them')
   ntl_weight = float(section.get('ntl_weight', 0.3))
 
   def terms(batch: dict, logits_fn) -> dict:
-    return loss_terms(logits_fn(batch), batch, number_tokens=number_tokens,
-                      ntl_weight=ntl_weight, ntl_kind=ntl_kind)
+    return loss_terms(logits_fn(batch), batch, number_tokens=number_tokens, ntl_kind=ntl_kind)
 
-  return Objective(name='quantitative', terms=terms, metrics=metrics, loss_term='loss_sum',
-                   normalizer='num_tokens', shown=('ntl',))
+  return Objective(
+      name='quantitative', terms=terms, counts=lambda batch: counts(batch, number_tokens),
+      loss=(('nll_sum', 1.0, 'num_tokens'), ('ntl_sum', ntl_weight, 'number_tokens')),
+      metrics=metrics, shown=('ce', 'ntl'))

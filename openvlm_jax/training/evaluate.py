@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from openvlm_jax import evaluation, inference, parallel
+from openvlm_jax.console import UserError
+from openvlm_jax.data import conversation, pipeline
 from openvlm_jax.data import examples as examples_lib
-from openvlm_jax.data import pipeline
 from openvlm_jax.objectives import Objective
 from openvlm_jax.training import step as step_lib
 
@@ -32,6 +33,9 @@ class EvalSet:
   spec: examples_lib.ExampleSpec
   prompts: list[np.ndarray]  # token ids [prompt_len_i] of each record's last question
   references: list[str | None]  # its answer, None for a question without one
+  questions: list[str]  # the text of that last question (it may name the answer's unit)
+  question_types: list[str | None]  # the records' `question_type`, for per-type scores
+  label_answers: list[bool]  # answers that are names (`answer_kind` 'label'): exact only
   bad_records: pipeline.BadRecords
   on_bad_record: str  # the policy it was read under, also for a record failing later
 
@@ -54,13 +58,24 @@ def load_eval_set(files: Sequence[str] | Any, spec: examples_lib.ExampleSpec, *,
   bad_records = pipeline.BadRecords()
   records = pipeline.load_records(files, spec, on_bad_record=on_bad_record,
                                   bad_records=bad_records, check=check)
-  prompts, references = [], []
+  prompts, references, questions, types, labels = [], [], [], [], []
   for index in range(len(records)):
-    prompt, reference = examples_lib.encode_prompt(records[index], spec)
+    record = records[index]
+    prompt, reference = examples_lib.encode_prompt(record, spec)
     prompts.append(prompt)
     references.append(reference)
+    questions.append(last_question(record))
+    types.append(record.get('question_type'))
+    labels.append(record.get('answer_kind') == 'label')
   return EvalSet(records=records, spec=spec, prompts=prompts, references=references,
+                 questions=questions, question_types=types, label_answers=labels,
                  bad_records=bad_records, on_bad_record=on_bad_record)
+
+
+def last_question(record: dict[str, Any]) -> str:
+  """The text of a record's last user turn ('' if it has none)."""
+  return next((str(turn.get('value', '')) for turn in reversed(record['conversations'])
+               if conversation.ROLES.get(turn.get('from')) == 'user'), '')
 
 
 class Evaluator:
@@ -102,34 +117,68 @@ class Evaluator:
     objective = self.objective
     metrics = {name: float(jax.device_get(value))  # in the objective's order
                for name, value in objective.metrics(totals).items()}
-    metrics['loss'] = totals[objective.loss_term] / max(totals[objective.normalizer], 1.0)
+    metrics['loss'] = float(objective.loss_of(totals))
     return metrics
 
   def answers(self, params: Any) -> list[dict[str, Any]]:
     """A generated `{"answer", "num_tokens"}` for every record, in order."""
     if not len(self.eval_set):
       return []
-    spec = self.eval_set.spec
     return inference.answer_prompts(
         self._run_generate, params, self.tokenizer, self.eval_set.prompts,
-        lambda index: examples_lib.load_images(self.eval_set.record(index), spec),
+        self._images_of,
         batch_size=self.generate_batch_size,
         prompt_len=max(len(prompt) for prompt in self.eval_set.prompts), seed=self.seed)
 
-  def generated(self, params: Any) -> dict[str, float]:
-    """Exact match, numeric exact match and relaxed accuracy of generated answers."""
-    return score(self.answers(params), self.eval_set.references)
+  def _images_of(self, index: int) -> np.ndarray:
+    """The images of record `index`, or a one-line error naming it (they changed on disk
+    after validation, so the two evals could no longer cover the same examples)."""
+    record = self.eval_set.record(index)
+    try:
+      return examples_lib.load_images(record, self.eval_set.spec)
+    except ValueError as error:
+      raise UserError(f"{record.get('where', '?')}: {error} (it was readable when the eval "
+                      'set was validated)') from error
+
+  def generated(self, params: Any, answers: list | None = None) -> dict[str, float]:
+    """Raw and normalised scores of generated answers (`evaluation.score_answers`)."""
+    answers = self.answers(params) if answers is None else answers
+    return score(answers, self.eval_set)
 
 
-def score(answers: Sequence[dict[str, Any]], references: Sequence[str | None],
-          prefix: str = 'generated_') -> dict:
+def score(answers: Sequence[dict[str, Any]], eval_set: EvalSet, prefix: str = 'generated_',
+          question_type: str | None = None) -> dict:
   """Scores of the answers that have a reference, and how many were scored (`num_examples`).
 
-  Names carry `prefix`, so they sit beside the teacher-forced metrics of the same eval.
+  Names carry `prefix`, so they sit beside the teacher-forced metrics of the same eval. With
+  `question_type`, only the records of that type count.
   """
-  pairs = [(answer['answer'], reference) for answer, reference in zip(answers, references)
-           if reference is not None]
-  if not pairs:
+  rows = [(answer['answer'], reference, question, label)
+          for answer, reference, question, label, kind
+          in zip(answers, eval_set.references, eval_set.questions, eval_set.label_answers,
+                 eval_set.question_types)
+          if reference is not None and question_type in (None, kind)]
+  if not rows:
     return {}
-  scores = evaluation.score_answers(*zip(*pairs))
+  scores = evaluation.score_answers(*zip(*rows))
   return {f'{prefix}{name}': value for name, value in scores.items()}
+
+
+def score_by_type(answers: Sequence[dict[str, Any]], eval_set: EvalSet) -> dict[str, dict]:
+  """{question_type: scores} for the types that have scored records ({} if none)."""
+  by_type = {kind: score(answers, eval_set, prefix='', question_type=kind)
+             for kind in sorted(set(eval_set.question_types) - {None})}
+  return {kind: scores for kind, scores in by_type.items() if scores}
+
+
+def format_by_type(scores: dict[str, dict]) -> str:
+  """A table of per-type scores: type, examples, relaxed accuracy, exact match, MRE."""
+  header = f"{'question type':<14} {'examples':>8} {'relaxed':>8} {'exact':>8} {'norm. exact':>11}" \
+           f" {'mean rel. err':>13}"
+  lines = [header]
+  for kind, row in scores.items():
+    error = row.get('mean_relative_error')
+    lines.append(f"{kind:<14} {row['num_examples']:>8.0f} {row['relaxed_accuracy']:>8.4f} "
+                 f"{row['exact_match']:>8.4f} {row['normalized_exact_match']:>11.4f} "
+                 f"{'-' if error is None else f'{error:.4f}':>13}")
+  return '\n'.join(lines)

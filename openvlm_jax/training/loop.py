@@ -1,6 +1,7 @@
 """The training loop, top to bottom: data, model, restore or init, compile, then step."""
 
 import json
+import numbers
 import signal
 import time
 
@@ -222,9 +223,10 @@ def format_metrics(metrics: dict) -> str:
   The objective's metrics in its order (the first, its headline, with the example count),
   then the generated-answer scores.
   """
-  taught = [(name, value) for name, value in metrics.items()
+  scalars = {name: value for name, value in metrics.items() if isinstance(value, numbers.Number)}
+  taught = [(name, value) for name, value in scalars.items()
             if not name.startswith('generated_') and name not in ('num_examples', 'step')]
-  generated = [(name[len('generated_'):], value) for name, value in metrics.items()
+  generated = [(name[len('generated_'):], value) for name, value in scalars.items()
                if name.startswith('generated_') and name != 'generated_num_examples']
   parts = [f"{name.replace('_', ' ')} {value:.4f}" for name, value in taught]
   if parts and 'num_examples' in metrics:

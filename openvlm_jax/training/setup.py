@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from openvlm_jax import checkpoint, config_lib, inference, objectives, parallel
 from openvlm_jax.console import UserError
-from openvlm_jax.data import digits, pipeline
+from openvlm_jax.data import charts, digits, pipeline
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.hf import io as hf_io
@@ -60,14 +60,19 @@ def data_files(config: ml_collections.ConfigDict, workdir: str,
           raise UserError(f'config.data.{key}: no such file {path}')
     return tuple(config.data.train_files), tuple(config.data.eval_files)
   folder = os.path.join(workdir, 'data')
+  builder = charts if config.data.demo_task == 'charts' else digits
   if not build_demo:
-    built = digits.built_files(folder)
+    built = builder.built_files(folder)
     if built is None:
       raise UserError(f'no demo data in {folder}: this workdir was not trained with the '
                       'embedded demo; pass its --config.data.train_files')
-    return (built['train'],), (built['eval'],)
-  built = digits.build_digits_dataset(folder, seed=config.seed, task=config.data.demo_task)
-  return (built['train'],), (built['eval'],)
+  elif builder is charts:  # train on the train tables, evaluate on the val tables
+    built = charts.build_chart_dataset(folder, seed=config.seed)
+  else:
+    built = digits.build_digits_dataset(
+        folder, seed=config.seed, task=config.data.demo_task,
+        image_size=config.model.vision.image_size, train_repeats=config.data.demo_train_repeats)
+  return (built['train'],), (built['val' if builder is charts else 'eval'],)
 
 
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str,
@@ -83,23 +88,57 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str,
   return tokenizer_lib.load_tokenizer(folder)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """Where a run's model comes from (`config_lib.model_source`): its architecture and weights.
+
+  config: (config, tokenizer, runtime fields) -> VLMConfig.
+  params: (run, param shardings, runtime fields) -> float params placed with the shardings,
+      or None (the model starts from its initializers).
+  """
+
+  config: Callable[..., VLMConfig]
+  params: Callable[..., Any]
+
+
+def _image_token_id(tokenizer: transformers.PreTrainedTokenizerBase) -> int:
+  return tokenizer.convert_tokens_to_ids(tokenizer_lib.image_token_of(tokenizer))
+
+
+MODEL_SOURCES = {
+    # A Hugging Face LLaVA folder: architecture and weights.
+    'hf_folder': ModelSource(
+        config=lambda config, tokenizer, runtime: hf_io.load_config(config.model.init_from,
+                                                                    **runtime),
+        params=lambda run, shardings, runtime: hf_io.load_pretrained(
+            run.config.model.init_from, shardings=shardings, **runtime)[1]),
+    # A bare LLM folder and a vision-tower folder, with a fresh projector.
+    'stage1': ModelSource(
+        config=lambda config, tokenizer, runtime: hf_io.load_stage1_config(
+            config.model.llm_from, config.model.vision_from, projector=config.model.projector,
+            image_token_id=_image_token_id(tokenizer), **runtime),
+        params=lambda run, shardings, runtime: hf_io.load_llm_and_vision(
+            run.config.model.llm_from, run.config.model.vision_from,
+            image_token_id=run.vlm_config.image_token_id, rng=jax.random.key(run.config.seed),
+            projector=run.vlm_config.projector, shardings=shardings, **runtime)[1]),
+    # From scratch: the architecture of `config.model`, random weights.
+    'scratch': ModelSource(
+        config=lambda config, tokenizer, runtime: config_lib.build_vlm_config(
+            config.model, vocab_size=len(tokenizer), image_token_id=_image_token_id(tokenizer),
+            lora=config.lora),
+        params=lambda run, shardings, runtime: None),
+}
+
+
 def model_config(config: ml_collections.ConfigDict,
                  tokenizer: transformers.PreTrainedTokenizerBase) -> VLMConfig:
   """The architecture from a Hugging Face folder when starting from one, else from the config.
 
   How the model computes (`config_lib.RUNTIME_FIELDS`) always comes from `config.model`.
   """
-  image_token_id = tokenizer.convert_tokens_to_ids(tokenizer_lib.image_token_of(tokenizer))
-  model = config.model
-  runtime = dict(config_lib.runtime_fields(model), lora=config_lib.lora_config(config.lora))
-  source = config_lib.model_source(model)
-  if source == 'hf_folder':
-    return hf_io.load_config(model.init_from, **runtime)
-  if source == 'stage1':
-    return hf_io.load_stage1_config(model.llm_from, model.vision_from, projector=model.projector,
-                                    image_token_id=image_token_id, **runtime)
-  return config_lib.build_vlm_config(model, vocab_size=len(tokenizer),
-                                     image_token_id=image_token_id, lora=config.lora)
+  runtime = dict(config_lib.runtime_fields(config.model),
+                 lora=config_lib.lora_config(config.lora))
+  return MODEL_SOURCES[config_lib.model_source(config.model)].config(config, tokenizer, runtime)
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str, build_demo: bool = True) -> Run:
@@ -223,15 +262,7 @@ def pretrained_params(run: Run, param_shardings: Any) -> Optional[Any]:
     params = lora_lib.adapt_params(float_params, abstract, vlm_config.lora,
                                    jax.random.key(run.config.seed + 1))
     return jax.device_put(params, param_shardings)
-  source = config_lib.model_source(model)
-  if source == 'hf_folder':
-    return hf_io.load_pretrained(model.init_from, shardings=param_shardings, **runtime)[1]
-  if source == 'stage1':
-    return hf_io.load_llm_and_vision(
-        model.llm_from, model.vision_from, image_token_id=vlm_config.image_token_id,
-        rng=jax.random.key(run.config.seed), projector=vlm_config.projector,
-        shardings=param_shardings, **runtime)[1]
-  return None
+  return MODEL_SOURCES[config_lib.model_source(model)].params(run, param_shardings, runtime)
 
 
 def close(run: Run, iterator: Any) -> None:

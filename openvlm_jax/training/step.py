@@ -53,47 +53,56 @@ def make_train_step(model: nn.Module, objective: Objective,
                     grad_accum_steps: int = 1, trainable: Callable | None = None) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
 
-  Gradients of the objective's summed `loss_term` are accumulated over `grad_accum_steps`
-  micro-batches and divided by its `normalizer` summed over the whole global batch. With
+  The objective's counts (its normalizers) are taken over the whole global batch first; each
+  of `grad_accum_steps` micro-batches then adds the gradient of its share of the loss,
+  `objective.loss_of(micro-batch terms, global counts)`, so accumulation is exact. When every
+  loss term divides by one count (`sft`), the summed terms are differentiated and the
+  gradient divided once at the end instead: the same value, rounded as it always was. With
   `trainable` (params -> tree of bools, the optimizer's mask), only trainable parameters are
   differentiated and updated; frozen ones enter the loss as constants. The metrics are the
-  objective's, plus `loss` (loss_term / normalizer), `grad_norm`, `learning_rate` and
-  `finite` (False when the loss or the gradient norm is not finite).
+  objective's, plus `loss`, `grad_norm`, `learning_rate` and `finite` (False when the loss or
+  the gradient norm is not finite).
   """
   trainable = trainable or optimizer_lib.all_trainable
 
   def train_step(state: TrainState, batch: dict):
     mask = trainable(state.params)  # Python bools: static under jit
     train_params, frozen_params = optimizer_lib.split_trainable(state.params, mask)
+    counts = objective.counts(batch)  # the global batch's normalizers
 
     lora = getattr(getattr(model, 'config', None), 'lora', None)
     rngs = None
     if lora is not None and lora.dropout > 0:
       rngs = {'dropout': jax.random.fold_in(jax.random.key(0), state.step)}
 
-    def summed_loss(train_params, batch):
+    shared_count = {count for _, _, count in objective.loss}
+    shared_count = shared_count.pop() if len(shared_count) == 1 else None
+
+    def loss_share(train_params, batch):
       params = optimizer_lib.merge_trainable(train_params, frozen_params, mask)
       terms = objective.terms(batch, lambda rows: model_logits(model, params, rows, rngs))
-      return terms[objective.loss_term], terms
+      if shared_count is not None:  # divided by the count once, after accumulation
+        return sum(weight * terms[term] for term, weight, _ in objective.loss), terms
+      return objective.loss_of(terms, counts), terms
 
-    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(loss_share, has_aux=True)
     if grad_accum_steps == 1:
-      (_, terms), grads = grad_fn(train_params, batch)
+      (loss, terms), grads = grad_fn(train_params, batch)
     else:
       def accumulate(carry, micro_batch):
-        (_, micro_terms), micro_grads = grad_fn(train_params, micro_batch)
-        return jax.tree.map(jnp.add, carry, (micro_grads, micro_terms)), None
+        micro_loss_and_terms, micro_grads = grad_fn(train_params, micro_batch)
+        return jax.tree.map(jnp.add, carry, (micro_grads, micro_loss_and_terms)), None
       zero_grads = jax.tree.map(jnp.zeros_like, train_params)
-      zero_terms = jax.tree.map(jnp.zeros_like,
-                                jax.eval_shape(summed_loss, train_params, batch)[1])
-      (grads, terms), _ = jax.lax.scan(accumulate, (zero_grads, zero_terms),
-                                       split_micro_batches(batch, grad_accum_steps))
-    normalizer = jnp.maximum(terms[objective.normalizer], 1.0)
-    grads = jax.tree.map(lambda grad: grad / normalizer, grads)
+      zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(loss_share, train_params, batch))
+      (grads, (loss, terms)), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums),
+                                               split_micro_batches(batch, grad_accum_steps))
+    if shared_count is not None:
+      denominator = jnp.maximum(counts[shared_count], 1.0)
+      grads = jax.tree.map(lambda grad: grad / denominator, grads)
+      loss = loss / denominator
     updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
     params = optimizer_lib.merge_trainable(
         optax.apply_updates(train_params, updates), frozen_params, mask)
-    loss = terms[objective.loss_term] / normalizer
     grad_norm = optax.tree.norm(grads)
     metrics = dict(
         objective.metrics(terms), loss=loss, grad_norm=grad_norm,

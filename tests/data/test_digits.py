@@ -60,3 +60,28 @@ def test_tokenizer_corpus(read_dataset):
   texts = list(digits.tokenizer_corpus([read_dataset['eval']]))
   assert len(texts) == 2 * 270
   assert all(t.startswith(('user:\n', 'assistant:\n')) and '<image>' not in t for t in texts)
+
+
+def test_sum_images_hold_their_digits_in_grid_cells(tmp_path):
+  paths = digits.build_digits_dataset(str(tmp_path), task='sum', seed=4, train_repeats=2,
+                                      image_size=16)
+  train, evaluation = _read(paths['train']), _read(paths['eval'])
+  assert (len(train), len(evaluation)) == (2 * 1527, 270)
+  bunch = datasets.load_digits()
+  for record in evaluation[:50] + train[:50]:
+    with Image.open(tmp_path / record['image']) as image:
+      pixels = np.asarray(image)[..., 0].astype(np.float64) * 16 / 255  # [16, 16], 0..16
+    cells = [pixels[r:r + 8, c:c + 8] for r in (0, 8) for c in (0, 8)]
+    # Each non-empty cell is one of the 1797 digit images; the answer is their labels' sum.
+    found = []
+    for cell in cells:
+      if cell.max() == 0:
+        continue
+      distance = np.abs(bunch.images - cell).max(axis=(1, 2))  # [1797]
+      found.append(int(bunch.target[int(np.argmin(distance))]))
+      assert distance.min() < 0.1
+    expected_counts = (2, 3) if record in evaluation else (1, 2, 3)
+    assert len(found) in expected_counts
+    assert int(record['conversations'][1]['value']) == sum(found)
+  with pytest.raises(ValueError, match='train_repeats'):
+    digits.build_digits_dataset(str(tmp_path), task='sum', train_repeats=0)

@@ -267,3 +267,28 @@ def test_eval_batches_keep_file_order_and_pad(good_dataset, tokenizer):
   assert padding['attention_mask'].sum() == padding['loss_mask'].sum() == 0
   assert not padding['images'].any() and not padding['num_images'].any()
   assert not padding['prefix_len'].any()
+
+
+def test_each_record_is_tokenized_once_per_run(good_dataset, tokenizer, monkeypatch):
+  from openvlm_jax.data import conversation  # pylint: disable=g-import-not-at-top
+  calls = []
+  encode = conversation.encode_conversation
+
+  def counting_encode(*args, **kwargs):
+    calls.append(1)
+    return encode(*args, **kwargs)
+
+  monkeypatch.setattr(conversation, 'encode_conversation', counting_encode)
+  iterator = _iterator([good_dataset], tokenizer, num_epochs=3)
+  batches = list(iterator)
+  assert len(batches) == 3 * 20 // 4  # every record, three times over
+  assert len(calls) == 20  # tokenized when validated, never again
+  # The kept tokens are what tokenizing again gives.
+  source = pipeline.load_records([good_dataset], pipeline.examples_lib.ExampleSpec(
+      tokenizer=tokenizer, **SPEC))
+  record = source[3]
+  fresh = pipeline.examples_lib.encode_tokens({k: v for k, v in record.items() if k != 'tokens'},
+                                              pipeline.examples_lib.ExampleSpec(
+                                                  tokenizer=tokenizer, **SPEC))
+  for key in ('input_ids', 'loss_mask'):
+    np.testing.assert_array_equal(record['tokens'][key], fresh[key])

@@ -62,7 +62,7 @@ def _loss_and_grads(model, params, batch):
     logits = model.apply(params, batch['input_ids'], batch['images'],
                          positions=batch['positions'], attention_mask=batch['attention_mask'])
     terms = loss_fn(logits, batch)
-    return terms['loss_sum'] / terms['num_tokens']
+    return terms['nll_sum'] / terms['num_tokens']
 
   return jax.jit(jax.value_and_grad(loss))(params)
 

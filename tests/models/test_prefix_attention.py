@@ -82,7 +82,7 @@ def test_dot_product_attention_with_prefix_matches_the_dense_reference(impl):
 def _mean_loss(model, params, batch):
   """The SFT loss of `batch` through the training step's model call."""
   terms = sft_objective.loss_terms(step_lib.model_logits(model, params['params'], batch), batch)
-  return terms['loss_sum'] / terms['num_tokens']
+  return terms['nll_sum'] / terms['num_tokens']
 
 
 def _loss_and_grads(model, params, batch):

@@ -78,7 +78,7 @@ def _loss_logits_grads(config: VLMConfig, params, batch: dict):
     logits = model.apply(merged, batch['input_ids'], batch['images'],
                          positions=batch['positions'], attention_mask=batch['attention_mask'])
     terms = loss_fn(logits, batch)
-    return terms['loss_sum'] / terms['num_tokens'], logits
+    return terms['nll_sum'] / terms['num_tokens'], logits
 
   (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(floats)
   return value, logits, grads

@@ -59,16 +59,23 @@ def test_loss_terms_match_a_numpy_reference(kind):
   targets = jnp.asarray(rng.integers(0, VOCAB, size=(2, 6)).astype(np.int32))
   loss_mask = jnp.asarray((rng.random((2, 6)) < 0.7).astype(np.float32))
   batch = {'targets': targets, 'loss_mask': loss_mask}
-  terms = quantitative.loss_terms(logits, batch, number_tokens=DIGITS, ntl_weight=0.3,
-                                  ntl_kind=kind)
+  terms = quantitative.loss_terms(logits, batch, number_tokens=DIGITS, ntl_kind=kind)
   expected_ntl = (_reference_ntl(logits, targets, kind) * np.asarray(loss_mask)).sum()
   np.testing.assert_allclose(terms['ntl_sum'], expected_ntl, rtol=1e-5)
   sft_terms = sft.loss_terms(logits, batch)
   np.testing.assert_allclose(terms['nll_sum'], sft_terms['nll_sum'], rtol=1e-6)
-  np.testing.assert_allclose(terms['loss_sum'], sft_terms['nll_sum'] + 0.3 * expected_ntl,
-                             rtol=1e-5)
   expected_count = (np.isin(np.asarray(targets), DIGITS.ids) * np.asarray(loss_mask)).sum()
   assert float(terms['number_tokens']) == expected_count
+  objective = objectives.contract.Objective(
+      name='q', terms=None, counts=None, metrics=quantitative.metrics,
+      loss=(('nll_sum', 1.0, 'num_tokens'), ('ntl_sum', 0.3, 'number_tokens')))
+  # CE per target token + lambda * NTL per target number token, as the paper defines it.
+  expected_loss = (sft_terms['nll_sum'] / float(loss_mask.sum())
+                   + 0.3 * expected_ntl / expected_count)
+  np.testing.assert_allclose(objective.loss_of(terms), expected_loss, rtol=1e-5)
+  metrics = quantitative.metrics(terms)
+  np.testing.assert_allclose(metrics['ntl'], expected_ntl / expected_count, rtol=1e-5)
+  np.testing.assert_allclose(metrics['ce'], metrics['loss'], rtol=1e-6)
 
 
 def test_ntl_gradient_reaches_the_digit_logits_of_digit_positions_only():
@@ -96,9 +103,11 @@ class _FakeTokenizer:
 
 
 def test_number_tokens_from_any_tokenizer(tmp_path):
-  table = quantitative.number_tokens_of(_FakeTokenizer())
+  table = quantitative.number_tokens_of(_FakeTokenizer(), 'all')
   np.testing.assert_array_equal(table.ids, [1, 2, 3, 7])  # '0' is special here
   np.testing.assert_array_equal(table.values, [4, 7, 123, 9])
+  digits_only = quantitative.number_tokens_of(_FakeTokenizer(), 'digits')
+  np.testing.assert_array_equal(digits_only.ids, [7])  # '9'; not 'Ġ4', '▁7' or '123'
   texts = ['user:\nWhat is 12 plus 30?', 'assistant:\n42'] * 20
   demo = tokenizer_lib.train_tokenizer(texts, str(tmp_path), vocab_size=300)
   demo_table = quantitative.number_tokens_of(demo)
@@ -108,19 +117,26 @@ def test_number_tokens_from_any_tokenizer(tmp_path):
 
 
 def test_get_builds_the_objective_from_its_config(tmp_path):
-  assert objectives.get('sft').terms is not None and objectives.get('sft').normalizer == 'num_tokens'
+  assert objectives.get('sft').loss == (('nll_sum', 1.0, 'num_tokens'),)
   section = ml_collections.ConfigDict(
-      {'name': 'quantitative', 'ntl_weight': 0.5, 'ntl_kind': 'mse'})
+      {'name': 'quantitative', 'ntl_weight': 0.5, 'ntl_kind': 'mse', 'number_tokens': 'all'})
   objective = objectives.get(section, _FakeTokenizer())
-  assert objective.name == 'quantitative' and objective.shown == ('ntl',)
+  assert objective.name == 'quantitative' and objective.shown == ('ce', 'ntl')
+  assert objective.loss == (('nll_sum', 1.0, 'num_tokens'), ('ntl_sum', 0.5, 'number_tokens'))
+  hash(objective)  # usable as a static jit argument or a cache key
   logits = jax.random.normal(jax.random.key(0), (1, 3, 9))
   batch = {'targets': jnp.asarray([[1, 5, 7]]), 'loss_mask': jnp.ones((1, 3))}
   terms = objective.terms(batch, lambda rows: logits)
+  assert {name: float(value) for name, value in objective.counts(batch).items()} == {
+      'num_tokens': 3.0, 'num_examples': 1.0, 'number_tokens': 2.0}
   expected = quantitative.loss_terms(logits, batch, number_tokens=quantitative.number_tokens_of(
-      _FakeTokenizer()), ntl_weight=0.5, ntl_kind='mse')
-  assert float(terms['loss_sum']) == pytest.approx(float(expected['loss_sum']))
+      _FakeTokenizer(), 'all'), ntl_kind='mse')
+  assert float(terms['ntl_sum']) == pytest.approx(float(expected['ntl_sum']))
   metrics = objective.metrics(terms)
   assert float(metrics['ntl']) == pytest.approx(float(terms['ntl_sum']) / 2)  # 2 number tokens
+  with pytest.raises(ValueError, match='number_tokens'):
+    objectives.get(ml_collections.ConfigDict({'name': 'quantitative', 'number_tokens': 'some'}),
+                   _FakeTokenizer())
   with pytest.raises(ValueError, match='tokenizer'):
     objectives.get('quantitative')
   with pytest.raises(ValueError, match='unknown'):

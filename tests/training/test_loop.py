@@ -119,17 +119,21 @@ def _make_margin_objective(section, tokenizer):
     runner_up = jnp.max(jnp.where(jax.nn.one_hot(batch['targets'], logits.shape[-1]) > 0,
                                   -jnp.inf, logits), axis=-1)
     hinge = jax.nn.relu(1.0 - (target - runner_up))
-    return {'hinge_sum': jnp.sum(hinge * mask), 'wins': jnp.sum((target > runner_up) * mask),
-            'targets': jnp.sum(mask),
-            'num_examples': jnp.sum(batch.get('example_mask', jnp.ones(logits.shape[:1])))}
+    return dict(counts(batch), hinge_sum=jnp.sum(hinge * mask),
+                wins=jnp.sum((target > runner_up) * mask))
+
+  def counts(batch):
+    example_mask = batch.get('example_mask', jnp.ones(batch['targets'].shape[:1]))
+    return {'targets': jnp.sum(batch['loss_mask'] * example_mask[:, None]),
+            'num_examples': jnp.sum(example_mask)}
 
   def metrics(sums):
     return {'margin_win_rate': sums['wins'] / jnp.maximum(sums['targets'], 1.0),
             'mean_hinge': sums['hinge_sum'] / jnp.maximum(sums['targets'], 1.0),
             'num_examples': sums['num_examples']}
 
-  return objectives.Objective(name='margin', terms=terms, metrics=metrics,
-                              loss_term='hinge_sum', normalizer='targets',
+  return objectives.Objective(name='margin', terms=terms, counts=counts,
+                              loss=(('hinge_sum', 1.0, 'targets'),), metrics=metrics,
                               shown=('margin_win_rate',))
 
 

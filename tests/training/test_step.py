@@ -1,11 +1,14 @@
 """The train step: the loss falls on a fixed batch; accumulation matches one big batch."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
 from configs import sft
 from openvlm_jax import config_lib, objectives, parallel
 from openvlm_jax.models.vlm import VLM
+from openvlm_jax.objectives import quantitative
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib
 from openvlm_jax.training import step as step_lib
@@ -13,7 +16,7 @@ from openvlm_jax.training import step as step_lib
 VOCAB, SEQ, IMAGE_TOKEN = 40, 16, 3
 
 
-def tiny_setup(grad_accum_steps=1, lr=1e-2):
+def tiny_setup(grad_accum_steps=1, lr=1e-2, objective=None):
   config = sft.get_config('model=tiny')
   vlm_config = config_lib.build_vlm_config(config.model, vocab_size=VOCAB,
                                            image_token_id=IMAGE_TOKEN)
@@ -29,8 +32,8 @@ def tiny_setup(grad_accum_steps=1, lr=1e-2):
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   shardings = state_lib.state_shardings(model, optimizer, example, mesh, config.logical_axis_rules)
   state = state_lib.create_train_state(model, optimizer, example, shardings, jax.random.key(0))
-  train_step = step_lib.make_train_step(model, objectives.get('sft'), optimizer, schedule,
-                                        grad_accum_steps)
+  train_step = step_lib.make_train_step(model, objective or objectives.get('sft'), optimizer,
+                                        schedule, grad_accum_steps)
   return vlm_config, state, jax.jit(train_step)
 
 
@@ -69,6 +72,31 @@ def test_gradient_accumulation_matches_one_batch():
   batch['loss_mask'][0, 10] = 1.0
   state_one, metrics_one = step_one(state_one, batch)
   state_acc, metrics_acc = step_acc(state_acc, batch)
+  np.testing.assert_allclose(metrics_one['loss'], metrics_acc['loss'], rtol=1e-5)
+  np.testing.assert_allclose(metrics_one['grad_norm'], metrics_acc['grad_norm'], rtol=1e-4)
+  for one, acc in zip(jax.tree.leaves(state_one.params), jax.tree.leaves(state_acc.params)):
+    np.testing.assert_allclose(one, acc, atol=1e-5)
+
+
+def test_accumulation_is_exact_for_a_loss_with_two_counts():
+  """CE per target token + lambda * NTL per number token: micro-batches hold unequal shares."""
+  digits = quantitative.NumberTokens(ids=np.arange(4, 14, dtype=np.int32),
+                                     values=np.arange(10, dtype=np.float32))
+  objective = dataclasses.replace(
+      objectives.get('sft'), name='two_counts',
+      terms=lambda batch, logits_fn: quantitative.loss_terms(
+          logits_fn(batch), batch, number_tokens=digits),
+      counts=lambda batch: quantitative.counts(batch, digits),
+      loss=(('nll_sum', 1.0, 'num_tokens'), ('ntl_sum', 0.5, 'number_tokens')),
+      metrics=quantitative.metrics)
+  vlm_config, state_one, step_one = tiny_setup(grad_accum_steps=1, objective=objective)
+  _, state_acc, step_acc = tiny_setup(grad_accum_steps=2, objective=objective)
+  batch = fixed_batch(vlm_config, batch_size=4)
+  batch['targets'][0::2, 8:] = 20  # no number token in micro-batch 0's rows
+  state_one, metrics_one = step_one(state_one, batch)
+  state_acc, metrics_acc = step_acc(state_acc, batch)
+  ce, ntl = float(metrics_one['ce']), float(metrics_one['ntl'])
+  np.testing.assert_allclose(metrics_one['loss'], ce + 0.5 * ntl, rtol=1e-5)
   np.testing.assert_allclose(metrics_one['loss'], metrics_acc['loss'], rtol=1e-5)
   np.testing.assert_allclose(metrics_one['grad_norm'], metrics_acc['grad_norm'], rtol=1e-4)
   for one, acc in zip(jax.tree.leaves(state_one.params), jax.tree.leaves(state_acc.params)):
