@@ -10,7 +10,7 @@ validation tables (never on a test split) and then used for both tasks. Prints a
 writes JSON.
 
   python benchmarks/ntl_vs_ce.py --tasks=sum,charts --seeds=0,1,2 --sweep=0.1,0.3,1.0 \
-      --out=benchmarks/results/ntl_vs_ce.json
+      --steps=sum:2500,charts:300 --sweep_steps=300 --out=benchmarks/results/ntl_vs_ce.json
 """
 
 import argparse
@@ -90,7 +90,8 @@ def train_and_score(task: str, variant: str, seed: int, steps: int, weight: floa
     result = modes.eval(config, workdir)
   scores = {name: result.get(f'generated_{name}') for name in SCORES}
   return dict(task=task, variant=variant, seed=seed, steps=steps, ntl_weight=weight,
-              split=split, seconds=round(time.perf_counter() - start, 1), **scores)
+              split=split, seconds=round(time.perf_counter() - start, 1), **scores,
+              by_question_type=result.get('by_question_type'))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -127,7 +128,9 @@ def main():
   parser.add_argument('--tasks', default='sum,charts')
   parser.add_argument('--variants', default=','.join(VARIANTS))
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--steps', type=int, default=0, help='0: each recipe\'s own steps')
+  parser.add_argument('--steps', default='',
+                      help="budget per task, e.g. 'sum:2500,charts:300'; a task not named "
+                           "keeps its recipe's own")
   parser.add_argument('--sweep', default='', help='lambdas to try on the charts val tables')
   parser.add_argument('--weight', type=float, default=0.3, help='lambda without --sweep')
   parser.add_argument('--sweep_steps', type=int, default=0)
@@ -138,6 +141,8 @@ def main():
   os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
   tasks, seeds = args.tasks.split(','), [int(s) for s in args.seeds.split(',')]
   variants = args.variants.split(',')
+  steps = {task: int(n) for task, n in (item.split(':') for item in filter(None,
+                                                                          args.steps.split(',')))}
 
   rows, sweep_rows = [], []
   with tempfile.TemporaryDirectory() as workroot:
@@ -145,8 +150,8 @@ def main():
     if args.sweep:
       for variant in (v for v in variants if v != 'ce'):
         for weight in (float(w) for w in args.sweep.split(',')):
-          row = train_and_score('charts', variant, 0, args.sweep_steps or args.steps, weight,
-                                'val', workroot)
+          row = train_and_score('charts', variant, 0, args.sweep_steps or steps.get('charts', 0),
+                                weight, 'val', workroot)
           sweep_rows.append(row)
           print(json.dumps(row), flush=True)
         candidates = [r for r in sweep_rows if r['variant'] == variant]
@@ -155,7 +160,7 @@ def main():
       split = 'test'
       for variant in variants:
         for seed in seeds:
-          row = train_and_score(task, variant, seed, args.steps,
+          row = train_and_score(task, variant, seed, steps.get(task, 0),
                                 0.0 if variant == 'ce' else weights[variant], split, workroot)
           rows.append(row)
           print(json.dumps(row), flush=True)

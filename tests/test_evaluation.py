@@ -61,6 +61,10 @@ def test_metrics_on_a_table_of_cases(prediction, target, exact, numeric, relaxed
     ('11.2 °C', 'What is the highest value shown, in °C?', '11.2'),
     ('7 bar', 'What is the pressure?', '7 bar'),  # a unit the question did not name stays
     ('Jul!', 'Which month has the highest value?', 'jul'),
+    ('12013', 'What was the value in 2013?', '12013'),  # '2013' is no unit
+    ('Jim', 'Who ran farthest, in m?', 'jim'),  # a unit goes only after a number
+    ('4.1M', '', '4100000'),  # no float noise
+    ('12 mm', 'What is it, in mm?\n<image>', '12'),
 ])
 def test_normalize_answer(answer, question, normalized):
   assert evaluation.normalize_answer(answer, question) == normalized
@@ -78,5 +82,10 @@ def test_score_answers_reports_raw_and_normalised_scores():
   assert scores['exact_match'] == 0 and scores['raw_relaxed_accuracy'] == 0.5
   assert scores['normalized_exact_match'] == scores['relaxed_accuracy'] == 1.0
   assert scores['mean_relative_error'] == 0.0
+  # A label that is a number (the year naming a bar) gets no tolerance and no relative error.
+  scores = evaluation.score_answers(['2003', '2003'], ['2004', '2004'], ['Which year?'] * 2,
+                                    labels=[True, False])
+  assert scores['relaxed_accuracy'] == 0.5 and scores['mean_relative_error'] == pytest.approx(
+      1 / 2004)
   with pytest.raises(ValueError):
     evaluation.score_answers(['1'], [])

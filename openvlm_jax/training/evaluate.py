@@ -173,9 +173,8 @@ def score_by_type(answers: Sequence[dict[str, Any]], eval_set: EvalSet) -> dict[
 
 def format_by_type(scores: dict[str, dict]) -> str:
   """A table of per-type scores: type, examples, relaxed accuracy, exact match, MRE."""
-  header = f"{'question type':<14} {'examples':>8} {'relaxed':>8} {'exact':>8} {'norm. exact':>11}" \
-           f" {'mean rel. err':>13}"
-  lines = [header]
+  lines = [f"{'question type':<14} {'examples':>8} {'relaxed':>8} {'exact':>8} "
+           f"{'norm. exact':>11} {'mean rel. err':>13}"]
   for kind, row in scores.items():
     error = row.get('mean_relative_error')
     lines.append(f"{kind:<14} {row['num_examples']:>8.0f} {row['relaxed_accuracy']:>8.4f} "
