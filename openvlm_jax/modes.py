@@ -57,7 +57,7 @@ def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: di
   evaluator, params, step = restored_evaluator(run, eval_set)
   metrics = evaluator.teacher_forced(params)
   answers = evaluator.answers(params)
-  metrics.update(evaluator.generated(params, answers))
+  metrics.update(evaluate.score(answers, eval_set))
   logging.info('eval of step %d: %s', step, metrics)
   by_type = evaluate.score_by_type(answers, eval_set)
   if by_type:  # records labelled with a `question_type` (e.g. the chart benchmark)

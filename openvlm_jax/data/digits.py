@@ -4,8 +4,8 @@
 builds offline. It is written to disk in the same format a user's data has, so training on it
 exercises the real input path. Tasks:
   'read': one digit per image; "What number is shown?" -> "7".
-  'sum':  two or three digits in the cells of a 2x2 grid; "What is the sum of these
-          digits?" -> "15". Each training digit leads `train_repeats` records (other digits
+  'sum':  digits in the cells of a 2x2 grid, 1-3 in training images and 2-3 in held-out
+          ones; "What is the sum of these digits?" -> "15". Each training digit leads `train_repeats` records (other digits
           drawn at random from the training digits), so the training set can grow well past
           the 1527 images; each held-out digit leads one.
 The train/eval split is over the digit images, so no eval digit appears in training.
@@ -122,7 +122,8 @@ def build_digits_dataset(
     seed: fixes the split, the question phrasings and the digit combinations.
     eval_fraction: share of the 1797 digit images held out for evaluation.
     image_size: side of the square RGB PNGs.
-    task: 'read' (one digit, answer the digit) or 'sum' (2-3 digits, answer their sum).
+    task: 'read' (one digit, answer the digit) or 'sum' (1-3 digits in training, 2-3 held
+      out; answer their sum).
     train_repeats: records each training digit leads (the eval split has one per digit).
 
   Returns:

@@ -77,11 +77,11 @@ class SubsetSource:
     self._source = source
     self._indices = np.asarray(indices, dtype=np.int64)  # [num_records]
     self._token_ids = self._loss_mask = self._offsets = None
-    if tokens is not None:
+    if tokens:
       lengths = [len(t['input_ids']) for t in tokens]
       self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-      self._token_ids = np.concatenate([t['input_ids'] for t in tokens] or [[]]).astype(np.int32)
-      self._loss_mask = np.concatenate([t['loss_mask'] for t in tokens] or [[]]).astype(bool)
+      self._token_ids = np.concatenate([t['input_ids'] for t in tokens], dtype=np.int32)
+      self._loss_mask = np.concatenate([t['loss_mask'] for t in tokens], dtype=bool)
 
   def __len__(self) -> int:
     return len(self._indices)

@@ -130,8 +130,9 @@ def loss_terms(logits: jax.Array, batch: dict, *, number_tokens: NumberTokens,
                ntl_kind: str = 'was') -> dict:
   """`sft.loss_terms` plus `ntl_sum` (NTL summed over target number tokens) and its count."""
   ntl, _ = number_token_loss(logits, batch['targets'], number_tokens, ntl_kind)
-  ntl_sum = jnp.sum(ntl * number_target_mask(batch, number_tokens))
-  return dict(sft.loss_terms(logits, batch), **counts(batch, number_tokens), ntl_sum=ntl_sum)
+  number_mask = number_target_mask(batch, number_tokens)  # [batch, seq]
+  return dict(sft.loss_terms(logits, batch), number_tokens=jnp.sum(number_mask),
+              ntl_sum=jnp.sum(ntl * number_mask))
 
 
 def metrics(sums: dict) -> dict:

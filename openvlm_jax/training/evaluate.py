@@ -140,10 +140,9 @@ class Evaluator:
       raise UserError(f"{record.get('where', '?')}: {error} (it was readable when the eval "
                       'set was validated)') from error
 
-  def generated(self, params: Any, answers: list | None = None) -> dict[str, float]:
+  def generated(self, params: Any) -> dict[str, float]:
     """Raw and normalised scores of generated answers (`evaluation.score_answers`)."""
-    answers = self.answers(params) if answers is None else answers
-    return score(answers, self.eval_set)
+    return score(self.answers(params), self.eval_set)
 
 
 def score(answers: Sequence[dict[str, Any]], eval_set: EvalSet, prefix: str = 'generated_',
@@ -173,8 +172,9 @@ def score_by_type(answers: Sequence[dict[str, Any]], eval_set: EvalSet) -> dict[
 
 def format_by_type(scores: dict[str, dict]) -> str:
   """A table of per-type scores: type, examples, relaxed accuracy, exact match, MRE."""
-  lines = [f"{'question type':<14} {'examples':>8} {'relaxed':>8} {'exact':>8} "
-           f"{'norm. exact':>11} {'mean rel. err':>13}"]
+  header = (f"{'question type':<14} {'examples':>8} {'relaxed':>8} {'exact':>8} "
+            f"{'norm. exact':>11} {'mean rel. err':>13}")
+  lines = [header]
   for kind, row in scores.items():
     error = row.get('mean_relative_error')
     lines.append(f"{kind:<14} {row['num_examples']:>8.0f} {row['relaxed_accuracy']:>8.4f} "
