@@ -1,16 +1,28 @@
 """LLaVA conversations -> token ids and an assistant-only loss mask, for any chat template.
 
-The assistant replies are located by rendering prefixes of the conversation: the text that
-`messages[:k+1]` adds to `messages[:k]` + generation prompt is exactly the k-th reply as the
-template writes it (content and end-of-turn token). Tokens whose character offsets start
-inside those spans are the training targets. This needs no knowledge of the template.
+Templates take message content in one of two conventions, found once per template by
+rendering a probe (`template_style`): a plain string (`{"role", "content": str}`), or typed
+parts (`"content": [{"type": "image"}, {"type": "text", "text": ...}]`, as the templates of
+llava-hf, Qwen2-VL, Idefics3 and Gemma 3 processors expect). Each image is rendered as one
+image token and widened to `num_image_tokens` copies after tokenization, as Hugging Face's
+LlavaProcessor does.
+
+The assistant replies are the template's `{% generation %}` blocks when it has them, and
+wherever possible they are (also) located by rendering prefixes of the conversation: the text that `messages[:k+1]`
+adds to `messages[:k]` + generation prompt is exactly the k-th reply as the template writes
+it (content and end-of-turn token). Tokens whose character offsets start inside those spans
+are the training targets. A conversation whose mask comes out empty is an error, never a
+silent zero loss.
 """
 
+import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from openvlm_jax.console import UserError
 from openvlm_jax.data import tokenizer as tokenizer_lib
 
 # The placeholder LLaVA data uses in the text, whatever the tokenizer's image token is.
@@ -24,29 +36,115 @@ ROLES = {
     'system': 'system',
 }
 
+_GENERATION_BLOCK = re.compile(r'\{%-?\s*generation\s*-?%\}')
+_PROBE_QUESTION, _PROBE_REPLY = 'Which value does the probe show?', 'The probe shows 42.'
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateStyle:
+  """How a chat template takes its messages.
+
+  typed_content: content is a list of `{"type": "image"}` / `{"type": "text"}` parts.
+  generation_blocks: the template marks assistant replies with `{% generation %}`.
+  """
+
+  typed_content: bool
+  generation_blocks: bool
+
+
+_STYLES: dict[str, TemplateStyle] = {}
+
+
+def _probe_messages(typed: bool) -> list[dict[str, Any]]:
+  turns = [('user', _PROBE_QUESTION), ('assistant', _PROBE_REPLY)]
+  return [{'role': role, 'content': [{'type': 'text', 'text': text}] if typed else text}
+          for role, text in turns]
+
+
+def _renders_probe(tokenizer, typed: bool) -> bool:
+  try:
+    text = _render(tokenizer, _probe_messages(typed), add_generation_prompt=False)
+  except Exception:  # noqa: BLE001 (a template may raise anything for content it cannot take)
+    return False
+  return _PROBE_QUESTION in text and _PROBE_REPLY in text
+
+
+def template_style(tokenizer) -> TemplateStyle:
+  """The content convention of the tokenizer's chat template (probed once per template).
+
+  Raises:
+    UserError: the tokenizer has no chat template, or its template renders the probe's
+      question and reply neither from string content nor from typed text parts.
+  """
+  template = getattr(tokenizer, 'chat_template', None)
+  name = getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'
+  if not template:
+    raise UserError(f'{name}: the tokenizer has no chat_template; set one (e.g. '
+                    'config.tokenizer pointing at a folder with chat_template.jinja)')
+  if not isinstance(template, str):
+    raise UserError(f'{name}: several named chat templates; keep the default one only')
+  if template not in _STYLES:
+    if _renders_probe(tokenizer, typed=False):
+      typed = False
+    elif _renders_probe(tokenizer, typed=True):
+      typed = True
+    else:
+      raise UserError(
+          f'{name}: the chat template renders a user/assistant exchange neither from string '
+          'content nor from typed [{"type": "text", "text": ...}] parts, so no reply could '
+          'be trained on; use a template that writes message content')
+    _STYLES[template] = TemplateStyle(
+        typed_content=typed, generation_blocks=bool(_GENERATION_BLOCK.search(template)))
+  return _STYLES[template]
+
+
+def _typed_parts(content: str) -> list[dict[str, str]]:
+  """'<image>\\nWhat is it?' -> [{'type': 'image'}, {'type': 'text', 'text': 'What is it?'}].
+
+  The newline LLaVA data puts after a placeholder is dropped: typed templates write their
+  own separator after an image.
+  """
+  parts = []
+  for index, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+    if index:
+      parts.append({'type': 'image'})
+      piece = piece.removeprefix('\n')
+    if piece:
+      parts.append({'type': 'text', 'text': piece})
+  return parts
+
+
+def message_text(message: dict[str, Any]) -> str:
+  """A message's text: its string content, or its text parts joined."""
+  content = message['content']
+  if isinstance(content, str):
+    return content
+  return ''.join(part['text'] for part in content if part['type'] == 'text')
+
 
 def to_messages(
     conversations: Sequence[dict[str, Any]],
     *,
     num_images: int,
     image_token: str,
-    num_image_tokens: int,
+    typed_content: bool = False,
     require_answer: bool = True,
-) -> list[dict[str, str]]:
-  """Turns LLaVA turns into chat messages with each image placeholder expanded.
+) -> list[dict[str, Any]]:
+  """Turns LLaVA turns into chat messages, one image token (or image part) per image.
 
   Args:
     conversations: `[{"from": "human"|"gpt"|"user"|"assistant"|"system", "value": str}]`.
     num_images: images attached to the record. If there are images but no `<image>` in the
       text, one placeholder per image is prepended to the first user turn, as LLaVA does.
-    image_token: the tokenizer's image token; each placeholder becomes `num_image_tokens`
-      copies of it, as Hugging Face's LlavaProcessor does.
-    num_image_tokens: sequence positions one image occupies.
+    image_token: the tokenizer's image token, which replaces each placeholder in string
+      content.
+    typed_content: content as typed parts (`template_style(...).typed_content`), with an
+      `{"type": "image"}` part where each placeholder was.
     require_answer: a conversation without an assistant turn is an error (training); False
       for a question to be answered.
 
   Returns:
-    `[{"role": "user"|"assistant"|"system", "content": str}]`.
+    `[{"role": "user"|"assistant"|"system", "content": str | [part, ...]}]`.
 
   Raises:
     ValueError: an empty conversation, a malformed turn, an unknown role, an empty assistant
@@ -82,18 +180,20 @@ def to_messages(
         f'{num_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the text but '
         f'{num_images} image(s) in the record')
 
-  expanded = image_token * num_image_tokens
   for message in messages:
-    message['content'] = message['content'].replace(IMAGE_PLACEHOLDER, expanded)
+    if typed_content:
+      message['content'] = _typed_parts(message['content'])
+    else:
+      message['content'] = message['content'].replace(IMAGE_PLACEHOLDER, image_token)
   return messages
 
 
-def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
   return tokenizer.apply_chat_template(
       messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
   """Renders `messages` and finds the character span of every assistant reply.
 
   Each span covers the reply and what the template writes after it up to the next turn
@@ -121,14 +221,8 @@ def assistant_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, lis
   return text, spans
 
 
-def tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> dict[str, np.ndarray]:
-  """Renders and tokenizes chat messages and builds the assistant-only loss mask.
-
-  Returns:
-    `input_ids` int32 [num_tokens] and `loss_mask` int32 [num_tokens], where
-    `loss_mask[i] == 1` iff token i overlaps an assistant reply (end-of-turn included), i.e.
-    it is a token the model must learn to predict.
-  """
+def _prefix_method(tokenizer, messages: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids and loss mask from the assistant spans' character offsets."""
   text, spans = assistant_spans(tokenizer, messages)
   encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
   input_ids = np.asarray(encoding['input_ids'], dtype=np.int32)  # [num_tokens]
@@ -141,7 +235,80 @@ def tokenize_messages(tokenizer, messages: list[dict[str, str]]) -> dict[str, np
     overlaps = (ends > span_start) & (starts < span_end)
     empty_inside = (starts == ends) & (starts >= span_start) & (starts < span_end)
     loss_mask[overlaps | empty_inside] = 1
-  return {'input_ids': input_ids, 'loss_mask': loss_mask}
+  return input_ids, loss_mask
+
+
+def _generation_blocks(tokenizer, messages: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids and loss mask from the template's `{% generation %}` blocks (transformers).
+
+  Where the prefix method also applies, its spans are added: a block often starts after
+  what the template writes between the generation prompt and the reply (llava-hf's
+  "ASSISTANT:" is followed by " " outside the block), and the model generates that too.
+  """
+  encoding = tokenizer.apply_chat_template(
+      messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+  input_ids = np.asarray(encoding['input_ids'], dtype=np.int32)  # [num_tokens]
+  loss_mask = np.asarray(encoding['assistant_masks'], dtype=np.int32)  # [num_tokens]
+  try:
+    prefix_ids, prefix_mask = _prefix_method(tokenizer, messages)
+  except ValueError:  # the template rewrites earlier turns: the blocks alone
+    return input_ids, loss_mask
+  if np.array_equal(prefix_ids, input_ids):
+    loss_mask = loss_mask | prefix_mask
+  return input_ids, loss_mask
+
+
+def widen_image_tokens(input_ids: np.ndarray, loss_mask: np.ndarray, *, image_token_id: int,
+                       num_image_tokens: int, num_images: int) -> dict[str, np.ndarray]:
+  """Repeats each image token `num_image_tokens` times (never a target).
+
+  Raises:
+    ValueError: the rendered text holds a different number of image tokens than images
+      (the template drops or adds images, or the image token is split by the tokenizer).
+  """
+  is_image = input_ids == image_token_id  # [num_tokens]
+  if int(is_image.sum()) != num_images:
+    raise ValueError(f'the chat template wrote {int(is_image.sum())} image token(s) for '
+                     f'{num_images} image(s)')
+  repeats = np.where(is_image, num_image_tokens, 1)
+  loss_mask = np.where(is_image, 0, loss_mask)
+  return {'input_ids': np.repeat(input_ids, repeats).astype(np.int32),
+          'loss_mask': np.repeat(loss_mask, repeats).astype(np.int32)}
+
+
+def _image_token_id(tokenizer) -> int:
+  return tokenizer.convert_tokens_to_ids(tokenizer_lib.image_token_of(tokenizer))
+
+
+def tokenize_messages(tokenizer, messages: list[dict[str, Any]], *, num_images: int,
+                      num_image_tokens: int) -> dict[str, np.ndarray]:
+  """Renders and tokenizes chat messages and builds the assistant-only loss mask.
+
+  Returns:
+    `input_ids` int32 [num_tokens] and `loss_mask` int32 [num_tokens], where
+    `loss_mask[i] == 1` iff token i overlaps an assistant reply (end-of-turn included), i.e.
+    it is a token the model must learn to predict; each image is `num_image_tokens` tokens.
+
+  Raises:
+    ValueError: no token is left to train on, or the image tokens do not match the images.
+  """
+  if template_style(tokenizer).generation_blocks:
+    input_ids, loss_mask = _generation_blocks(tokenizer, messages)
+  else:
+    input_ids, loss_mask = _prefix_method(tokenizer, messages)
+  if not loss_mask.any():
+    raise ValueError('the loss mask is empty: the chat template renders no assistant reply '
+                     'text for this conversation')
+  return widen_image_tokens(input_ids, loss_mask, image_token_id=_image_token_id(tokenizer),
+                            num_image_tokens=num_image_tokens, num_images=num_images)
+
+
+def _messages_for(conversations, tokenizer, num_images: int,
+                  require_answer: bool) -> list[dict[str, Any]]:
+  return to_messages(conversations, num_images=num_images,
+                     image_token=tokenizer_lib.image_token_of(tokenizer),
+                     typed_content=template_style(tokenizer).typed_content,
+                     require_answer=require_answer)
 
 
 def encode_conversation(
@@ -155,13 +322,9 @@ def encode_conversation(
 
   See `to_messages` for the placeholder rules and `tokenize_messages` for the mask.
   """
-  messages = to_messages(
-      conversations,
-      num_images=num_images,
-      image_token=tokenizer_lib.image_token_of(tokenizer),
-      num_image_tokens=num_image_tokens,
-  )
-  return tokenize_messages(tokenizer, messages)
+  messages = _messages_for(conversations, tokenizer, num_images, require_answer=True)
+  return tokenize_messages(tokenizer, messages, num_images=num_images,
+                           num_image_tokens=num_image_tokens)
 
 
 def encode_prompt(
@@ -183,15 +346,16 @@ def encode_prompt(
   Raises:
     ValueError: as `to_messages`, or if there is no user turn to answer.
   """
-  messages = to_messages(conversations, num_images=num_images,
-                         image_token=tokenizer_lib.image_token_of(tokenizer),
-                         num_image_tokens=num_image_tokens, require_answer=False)
+  messages = _messages_for(conversations, tokenizer, num_images, require_answer=False)
   reference = None
   if messages[-1]['role'] == 'assistant':
-    reference = messages[-1]['content'].strip()
+    reference = message_text(messages[-1]).strip()
     messages = messages[:-1]
   if not any(message['role'] == 'user' for message in messages):
     raise ValueError('no question (user turn) to answer')
   text = _render(tokenizer, messages, add_generation_prompt=True)
-  input_ids = tokenizer(text, add_special_tokens=False)['input_ids']
-  return np.asarray(input_ids, dtype=np.int32), reference
+  input_ids = np.asarray(tokenizer(text, add_special_tokens=False)['input_ids'], dtype=np.int32)
+  widened = widen_image_tokens(input_ids, np.zeros_like(input_ids),
+                               image_token_id=_image_token_id(tokenizer),
+                               num_image_tokens=num_image_tokens, num_images=num_images)
+  return widened['input_ids'], reference

@@ -33,6 +33,8 @@ from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import jsonl
 
 _MAX_LOGGED_OFFENDERS = 10
+# Records after which a shard whose records all failed alike stops (`_stop_if_all_bad_alike`).
+EARLY_STOP_RECORDS = 32
 
 
 @dataclasses.dataclass
@@ -121,6 +123,25 @@ def _as_source(data: Sequence[str] | str | Any) -> Any:
   return data
 
 
+def _stop_if_all_bad_alike(bad_records: BadRecords, reasons: set[str],
+                           spec: examples_lib.ExampleSpec) -> None:
+  """Stops when the first `EARLY_STOP_RECORDS` records all fail for one and the same reason.
+
+  That is a problem of the run (most often a chat template that renders no reply), and
+  dropping the rest of the data one record at a time would only hide it.
+  """
+  if (bad_records.total != EARLY_STOP_RECORDS or bad_records.count != bad_records.total
+      or len(reasons) != 1):
+    return
+  hint = ''
+  if 'loss mask is empty' in next(iter(reasons)):
+    name = getattr(spec.tokenizer, 'name_or_path', '') or 'the tokenizer'
+    hint = (f'; the chat template of {name} writes no assistant text for these conversations '
+            '(check config.tokenizer and its chat_template)')
+  raise UserError(f'the first {EARLY_STOP_RECORDS} records are all bad for the same reason, '
+                  f'e.g. {bad_records.first_offenders[0]}{hint}')
+
+
 def load_records(
     data: Sequence[str] | Any,
     spec: examples_lib.ExampleSpec,
@@ -162,18 +183,25 @@ def load_records(
   source = _as_source(data)
   bad_records = BadRecords() if bad_records is None else bad_records
   kept, kept_tokens = [], []
+  reasons = set()  # why the records so far were bad (without their locations)
   for index in range(shard_index, len(source), shard_count):
     bad_records.total += 1
     try:
       record = source[index]  # raises with its location
       try:
         tokens = check(record, spec, decode_images)
+      except UserError:
+        raise  # a problem of the run (tokenizer, template), not of this record
       except ValueError as error:
+        reasons.add(str(error))
         raise ValueError(f'{source.where(index)}: {error}') from error
+    except UserError:
+      raise
     except ValueError as error:
       if on_bad_record == 'raise':
         raise UserError(str(error)) from error
       bad_records.add(str(error))
+      _stop_if_all_bad_alike(bad_records, reasons, spec)
       continue
     kept.append(index)
     kept_tokens.append(_compact(tokens))

@@ -95,6 +95,27 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
   return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def add_missing_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list[str]:
+  """Adds `<image>` and `<pad>` as special tokens where the tokenizer has none (in place).
+
+  This is what LLaVA's training code does for a decoder that was never shown images. The
+  model's embedding must then grow to `len(tokenizer)` rows (`hf.io.load_llm_and_vision`).
+
+  Returns:
+    The tokens added, in id order (empty if the tokenizer already had both).
+  """
+  added = []
+  has_image_token = (getattr(tokenizer, 'image_token', None)
+                     or IMAGE_TOKEN in tokenizer.get_vocab())
+  if not has_image_token:
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    added.append(IMAGE_TOKEN)
+  if tokenizer.pad_token is None:
+    tokenizer.add_special_tokens({'pad_token': PAD_TOKEN})
+    added.append(PAD_TOKEN)
+  return added
+
+
 def image_token_of(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
   """The tokenizer's image placeholder token: its `image_token` if set, else `<image>`."""
   image_token = getattr(tokenizer, 'image_token', None)

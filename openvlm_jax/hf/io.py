@@ -77,6 +77,31 @@ class SafetensorsReader(Mapping):
     return len(self._file_of)
 
 
+class GrownVocabReader(Mapping):
+  """A decoder's tensors with `embed_tokens` and `lm_head` grown to `vocab_size` rows.
+
+  Each new row is the mean of the checkpoint's rows, as LLaVA initialises the embeddings
+  of tokens it adds (`<image>`, `<pad>`); every other tensor passes through unchanged.
+  """
+
+  def __init__(self, reader: Mapping, vocab_size: int):
+    self._reader, self._vocab_size = reader, vocab_size
+
+  def __getitem__(self, name: str) -> np.ndarray:
+    tensor = self._reader[name]
+    if name.endswith(('embed_tokens.weight', 'lm_head.weight')):  # [vocab, hidden] both
+      extra = self._vocab_size - tensor.shape[0]
+      mean_row = tensor.astype(np.float32).mean(axis=0, keepdims=True).astype(tensor.dtype)
+      tensor = np.concatenate([tensor, np.repeat(mean_row, extra, axis=0)])
+    return tensor
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._reader)
+
+  def __len__(self) -> int:
+    return len(self._reader)
+
+
 def _read_json(path: Path) -> dict | None:
   return json.loads(path.read_text()) if path.exists() else None
 
@@ -143,6 +168,7 @@ def load_llm_and_vision(
     image_token_id: int,
     rng: jax.Array,
     projector: str = 'mlp2x_gelu',
+    vocab_size: int | None = None,
     shardings: Any = None,
     **overrides: Any,
 ) -> tuple[VLMConfig, dict]:
@@ -156,6 +182,9 @@ def load_llm_and_vision(
     image_token_id: id of the image placeholder token in the decoder's vocabulary.
     rng: key for the projector's initialisation.
     projector: 'mlp2x_gelu' | 'linear'.
+    vocab_size: rows of the embedding (and lm_head), e.g. `len(tokenizer)` after
+      `tokenizer.add_missing_tokens`; rows past the checkpoint's are initialised to the mean
+      of its rows (`GrownVocabReader`). None keeps the checkpoint's vocabulary.
     shardings: optional pytree of shardings matching {'vision', 'projector', 'llm'}.
     **overrides: other VLMConfig fields (dtype, remat, projector_bias, ...).
 
@@ -163,21 +192,19 @@ def load_llm_and_vision(
     (VLMConfig, params).
   """
   llm_folder, vision_folder = Path(llm_folder), Path(vision_folder)
-  llm_config = hf_config.llm_config_from_hf(_read_json(llm_folder / 'config.json'))
-  vision_config = hf_config.vision_config_from_hf(
-      _read_json(vision_folder / 'config.json'),
-      preprocessor=_read_preprocessor(vision_folder),
-  )
-  config = VLMConfig(
-      llm=llm_config, vision=vision_config, projector=projector,
-      image_token_id=image_token_id, **overrides,
-  )
+  config = load_stage1_config(llm_folder, vision_folder, image_token_id=image_token_id,
+                              projector=projector, vocab_size=vocab_size, **overrides)
+  llm_config, vision_config = config.llm, config.vision
+  llm_reader = SafetensorsReader(llm_folder)
+  if llm_config.vocab_size > _llm_vocab_size(llm_folder):
+    llm_reader = GrownVocabReader(llm_reader, llm_config.vocab_size)
   params = {}
-  for name, folder, part_config in (
-      ('llm', llm_folder, llm_config), ('vision', vision_folder, vision_config)
+  for name, reader, part_config in (
+      ('llm', llm_reader, llm_config),
+      ('vision', SafetensorsReader(vision_folder), vision_config),
   ):
     params[name] = convert.hf_to_params(
-        SafetensorsReader(folder), part_config, scan_layers=config.scan_layers,
+        reader, part_config, scan_layers=config.scan_layers,
         param_dtype=config.param_dtype, place=_placer(shardings, (name,)),
     )
   projector_module = Projector(
@@ -347,13 +374,23 @@ def load_config(folder: str | os.PathLike, **overrides: Any) -> VLMConfig:
       raw_config, _read_preprocessor(folder), **overrides)
 
 
+def _llm_vocab_size(llm_folder: Path) -> int:
+  return int(_read_json(llm_folder / 'config.json')['vocab_size'])
+
+
 def load_stage1_config(llm_folder: str | os.PathLike, vision_folder: str | os.PathLike, *,
                        image_token_id: int, projector: str = 'mlp2x_gelu',
-                       **overrides: Any) -> VLMConfig:
-  """The VLMConfig of a decoder folder plus a vision-tower folder (no weights read)."""
+                       vocab_size: int | None = None, **overrides: Any) -> VLMConfig:
+  """The VLMConfig of a decoder folder plus a vision-tower folder (no weights read).
+
+  `vocab_size` larger than the decoder's grows its vocabulary (see `load_llm_and_vision`).
+  """
   llm_folder, vision_folder = Path(llm_folder), Path(vision_folder)
+  llm = hf_config.llm_config_from_hf(_read_json(llm_folder / 'config.json'))
+  if vocab_size is not None and vocab_size > llm.vocab_size:
+    llm = dataclasses.replace(llm, vocab_size=vocab_size)
   return VLMConfig(
-      llm=hf_config.llm_config_from_hf(_read_json(llm_folder / 'config.json')),
+      llm=llm,
       vision=hf_config.vision_config_from_hf(
           _read_json(vision_folder / 'config.json'),
           preprocessor=_read_preprocessor(vision_folder)),

@@ -15,7 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from openvlm_jax import checkpoint, config_lib, inference, objectives, parallel
+from openvlm_jax import checkpoint, config_lib, console, inference, objectives, parallel
 from openvlm_jax.console import UserError
 from openvlm_jax.data import charts, digits, pipeline
 from openvlm_jax.data import examples as examples_lib
@@ -77,11 +77,28 @@ def data_files(config: ml_collections.ConfigDict, workdir: str,
 
 def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str,
                             train_files: tuple[str, ...]) -> transformers.PreTrainedTokenizerBase:
-  """The configured tokenizer, the one beside the Hugging Face weights, or one trained once."""
+  """The configured tokenizer, the one beside the Hugging Face weights, or one trained once.
+
+  A named tokenizer without an image or pad token gets them (`add_missing_tokens`) and is
+  saved as the run's own in `workdir/tokenizer`, which later loads (resume, eval, export)
+  read; the model's vocabulary grows to match (`model_config`).
+  """
   folder = config.tokenizer or config.model.init_from or config.model.llm_from
+  run_folder = os.path.join(workdir, 'tokenizer')
   if folder:
-    return tokenizer_lib.load_tokenizer(folder)
-  folder = os.path.join(workdir, 'tokenizer')
+    tokenizer = tokenizer_lib.load_tokenizer(folder)
+    vocab_before = len(tokenizer)
+    added = tokenizer_lib.add_missing_tokens(tokenizer)
+    if not added:
+      return tokenizer
+    if os.path.exists(os.path.join(run_folder, 'tokenizer_config.json')):
+      return tokenizer_lib.load_tokenizer(run_folder)
+    tokenizer.save_pretrained(run_folder)
+    console.say(f'{folder}: the tokenizer has no {" or ".join(added)}; added as special '
+                f'token(s) (vocabulary {vocab_before} -> {len(tokenizer)}, saved in '
+                f'{run_folder}); new embedding rows start at the mean of the others')
+    return tokenizer_lib.load_tokenizer(run_folder)
+  folder = run_folder
   if not os.path.exists(os.path.join(folder, 'tokenizer.json')):
     logging.info('Training a tokenizer on %s into %s', train_files, folder)
     tokenizer_lib.train_tokenizer(digits.tokenizer_corpus(train_files), folder)
@@ -116,11 +133,12 @@ MODEL_SOURCES = {
     'stage1': ModelSource(
         config=lambda config, tokenizer, runtime: hf_io.load_stage1_config(
             config.model.llm_from, config.model.vision_from, projector=config.model.projector,
-            image_token_id=_image_token_id(tokenizer), **runtime),
+            image_token_id=_image_token_id(tokenizer), vocab_size=len(tokenizer), **runtime),
         params=lambda run, shardings, runtime: hf_io.load_llm_and_vision(
             run.config.model.llm_from, run.config.model.vision_from,
             image_token_id=run.vlm_config.image_token_id, rng=jax.random.key(run.config.seed),
-            projector=run.vlm_config.projector, shardings=shardings, **runtime)[1]),
+            projector=run.vlm_config.projector, vocab_size=run.vlm_config.llm.vocab_size,
+            shardings=shardings, **runtime)[1]),
     # From scratch: the architecture of `config.model`, random weights.
     'scratch': ModelSource(
         config=lambda config, tokenizer, runtime: config_lib.build_vlm_config(

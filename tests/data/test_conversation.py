@@ -68,9 +68,8 @@ def test_image_placeholders_are_expanded(tokenizer):
 
 def test_missing_placeholder_is_prepended_to_first_user_turn(tokenizer):
   turns = [{'from': 'human', 'value': 'What is it?'}, {'from': 'gpt', 'value': 'A 3.'}]
-  messages = conversation.to_messages(
-      turns, num_images=1, image_token='<image>', num_image_tokens=3)
-  assert messages[0]['content'] == '<image><image><image>\nWhat is it?'
+  messages = conversation.to_messages(turns, num_images=1, image_token='<im>')
+  assert messages[0]['content'] == '<im>\nWhat is it?'
   assert turns[0]['value'] == 'What is it?'  # the record is not modified
 
 

@@ -26,9 +26,10 @@ def _png(value: int) -> bytes:
 
 def _prompt_tokens(tokenizer, turns, num_images):
   """The turns before the first assistant reply, rendered with the generation prompt."""
-  messages = conversation.to_messages(
-      turns, num_images=num_images, image_token='<image>', num_image_tokens=NUM_IMAGE_TOKENS)
+  messages = conversation.to_messages(turns, num_images=num_images, image_token='<image>')
   first_reply = next(k for k, message in enumerate(messages) if message['role'] == 'assistant')
+  for message in messages:  # LlavaProcessor's widening, done on the text
+    message['content'] = message['content'].replace('<image>', '<image>' * NUM_IMAGE_TOKENS)
   text = tokenizer.apply_chat_template(messages[:first_reply], tokenize=False,
                                        add_generation_prompt=True)
   return tokenizer(text, add_special_tokens=False)['input_ids']

@@ -1,0 +1,93 @@
+"""Stage 1 from a decoder whose tokenizer has no image or pad token: the run adds both,
+grows the embedding, trains the projector alone, and exports a folder transformers loads."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from configs import sft
+from openvlm_jax import modes
+from openvlm_jax.data import digits
+from openvlm_jax.data import tokenizer as tokenizer_lib
+from tests import tiny_hf
+
+
+def _decoder_tokenizer(texts, folder):
+  """A byte-level BPE with bos/eos only, shaped like a text LLM's (no <image>, no pad)."""
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<s>', '</s>'], show_progress=False,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token='<s>',
+                                              eos_token='</s>')
+  fast.chat_template = tokenizer_lib.CHAT_TEMPLATE
+  fast.save_pretrained(folder)
+  return fast
+
+
+@pytest.fixture(scope='module')
+def stage1_run(tmp_path_factory):
+  """(workdir, decoder folder, the decoder's torch model, its vocabulary) after 2 steps."""
+  root = tmp_path_factory.mktemp('stage1')
+  files = digits.build_digits_dataset(str(root / 'data'), image_size=16)
+  with open(files['train']) as f:
+    head = f.readlines()[:32]
+  train_file = root / 'data' / 'train_head.jsonl'
+  train_file.write_text(''.join(head))
+  llm_folder, vision_folder = root / 'llm', root / 'vision'
+  text_tokenizer = _decoder_tokenizer(digits.tokenizer_corpus([str(train_file)]), llm_folder)
+  vocab = len(text_tokenizer)
+  hf_llm = tiny_hf.build(transformers.LlamaForCausalLM,
+                         tiny_hf.llama_config(vocab_size=vocab), llm_folder)
+  tiny_hf.build(transformers.CLIPVisionModel, tiny_hf.clip_vision_config(), vision_folder)
+  config = sft.get_config('model=tiny,steps=2,recipe=stage1')
+  config.model.llm_from, config.model.vision_from = str(llm_folder), str(vision_folder)
+  config.data.train_files = (str(train_file),)
+  config.data.batch_size = 8
+  config.training.progress_bar = False
+  workdir = str(root / 'workdir')
+  modes.train(config, workdir)
+  return config, workdir, hf_llm, vocab
+
+
+def test_the_run_adds_image_and_pad_tokens_and_keeps_them(stage1_run):
+  _, workdir, _, vocab = stage1_run
+  saved = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
+  assert len(saved) == vocab + 2
+  assert saved.convert_tokens_to_ids(['<image>', '<pad>']) == [vocab, vocab + 1]
+  assert saved.pad_token == '<pad>'
+  # '<image>' is one special token: text holding it tokenizes to its id.
+  assert saved('a <image> b')['input_ids'].count(vocab) == 1
+
+
+def test_the_export_loads_in_transformers_with_the_decoder_untouched(stage1_run, tmp_path):
+  config, workdir, hf_llm, vocab = stage1_run
+  config = config.copy_and_resolve_references()
+  config.export.dir = str(tmp_path)
+  modes.export(config, workdir)
+  raw = json.loads((tmp_path / 'config.json').read_text())
+  assert raw['text_config']['vocab_size'] == vocab + 2 and raw['image_token_index'] == vocab
+  model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path,
+                                                                     dtype=torch.float32)
+  processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+  assert processor.tokenizer.convert_tokens_to_ids('<image>') == vocab
+
+  # The new rows start at the mean of the old ones, and stage 1 leaves them as they were.
+  lm_head = model.lm_head.weight.detach().numpy()
+  original = hf_llm.lm_head.weight.detach().numpy()
+  np.testing.assert_allclose(lm_head[vocab:], np.repeat(original.mean(0, keepdims=True), 2, 0),
+                             atol=1e-6)
+  # A text-only prompt gives the decoder's own logits over its vocabulary (the LLM was frozen).
+  input_ids = torch.tensor([processor.tokenizer('user:\nWhat number is shown?')['input_ids']])
+  with torch.no_grad():
+    ours = model(input_ids=input_ids).logits.numpy()
+    theirs = hf_llm(input_ids=input_ids).logits.numpy()
+  assert ours.shape[-1] == vocab + 2
+  np.testing.assert_allclose(ours[..., :vocab], theirs, atol=1e-4)
