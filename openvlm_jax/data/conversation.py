@@ -258,14 +258,19 @@ def _generation_blocks(tokenizer, messages: list[dict[str, Any]]) -> tuple[np.nd
   return input_ids, loss_mask
 
 
-def widen_image_tokens(input_ids: np.ndarray, loss_mask: np.ndarray, *, image_token_id: int,
-                       num_image_tokens: int, num_images: int) -> dict[str, np.ndarray]:
+def widen_image_tokens(input_ids: np.ndarray, loss_mask: np.ndarray, *,
+                       image_token_id: int | None, num_image_tokens: int,
+                       num_images: int) -> dict[str, np.ndarray]:
   """Repeats each image token `num_image_tokens` times (never a target).
+
+  `image_token_id` None (a text-only tokenizer) is allowed for a text-only conversation.
 
   Raises:
     ValueError: the rendered text holds a different number of image tokens than images
       (the template drops or adds images, or the image token is split by the tokenizer).
   """
+  if image_token_id is None:
+    image_token_id = -1  # matches no token
   is_image = input_ids == image_token_id  # [num_tokens]
   if int(is_image.sum()) != num_images:
     raise ValueError(f'the chat template wrote {int(is_image.sum())} image token(s) for '
@@ -276,8 +281,11 @@ def widen_image_tokens(input_ids: np.ndarray, loss_mask: np.ndarray, *, image_to
           'loss_mask': np.repeat(loss_mask, repeats).astype(np.int32)}
 
 
-def _image_token_id(tokenizer) -> int:
-  return tokenizer.convert_tokens_to_ids(tokenizer_lib.image_token_of(tokenizer))
+def _image_token_id(tokenizer, num_images: int) -> int | None:
+  """The image token's id; None for a tokenizer without one when there is no image."""
+  image_token = (tokenizer_lib.image_token_of(tokenizer) if num_images
+                 else tokenizer_lib.find_image_token(tokenizer))
+  return None if image_token is None else tokenizer.convert_tokens_to_ids(image_token)
 
 
 def tokenize_messages(tokenizer, messages: list[dict[str, Any]], *, num_images: int,
@@ -299,14 +307,15 @@ def tokenize_messages(tokenizer, messages: list[dict[str, Any]], *, num_images: 
   if not loss_mask.any():
     raise ValueError('the loss mask is empty: the chat template renders no assistant reply '
                      'text for this conversation')
-  return widen_image_tokens(input_ids, loss_mask, image_token_id=_image_token_id(tokenizer),
+  return widen_image_tokens(input_ids, loss_mask,
+                            image_token_id=_image_token_id(tokenizer, num_images),
                             num_image_tokens=num_image_tokens, num_images=num_images)
 
 
 def _messages_for(conversations, tokenizer, num_images: int,
                   require_answer: bool) -> list[dict[str, Any]]:
-  return to_messages(conversations, num_images=num_images,
-                     image_token=tokenizer_lib.image_token_of(tokenizer),
+  image_token = tokenizer_lib.image_token_of(tokenizer) if num_images else IMAGE_PLACEHOLDER
+  return to_messages(conversations, num_images=num_images, image_token=image_token,
                      typed_content=template_style(tokenizer).typed_content,
                      require_answer=require_answer)
 
@@ -356,6 +365,6 @@ def encode_prompt(
   text = _render(tokenizer, messages, add_generation_prompt=True)
   input_ids = np.asarray(tokenizer(text, add_special_tokens=False)['input_ids'], dtype=np.int32)
   widened = widen_image_tokens(input_ids, np.zeros_like(input_ids),
-                               image_token_id=_image_token_id(tokenizer),
+                               image_token_id=_image_token_id(tokenizer, num_images),
                                num_image_tokens=num_image_tokens, num_images=num_images)
   return widened['input_ids'], reference

@@ -105,9 +105,7 @@ def add_missing_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list[
     The tokens added, in id order (empty if the tokenizer already had both).
   """
   added = []
-  has_image_token = (getattr(tokenizer, 'image_token', None)
-                     or IMAGE_TOKEN in tokenizer.get_vocab())
-  if not has_image_token:
+  if find_image_token(tokenizer) is None:
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     added.append(IMAGE_TOKEN)
   if tokenizer.pad_token is None:
@@ -116,11 +114,22 @@ def add_missing_tokens(tokenizer: transformers.PreTrainedTokenizerBase) -> list[
   return added
 
 
-def image_token_of(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
-  """The tokenizer's image placeholder token: its `image_token` if set, else `<image>`."""
+def find_image_token(tokenizer: transformers.PreTrainedTokenizerBase) -> str | None:
+  """The tokenizer's image placeholder token: its `image_token` if set, else `<image>` if in
+  its vocabulary, else None."""
   image_token = getattr(tokenizer, 'image_token', None)
   if image_token:
     return str(image_token)
-  if IMAGE_TOKEN in tokenizer.get_vocab():
-    return IMAGE_TOKEN
-  raise UserError(f'The tokenizer has no image token ({IMAGE_TOKEN!r} is not in its vocab).')
+  return IMAGE_TOKEN if IMAGE_TOKEN in tokenizer.get_vocab() else None
+
+
+def image_token_of(tokenizer: transformers.PreTrainedTokenizerBase) -> str:
+  """`find_image_token`, which must find one.
+
+  Raises:
+    UserError: the tokenizer has no image token.
+  """
+  image_token = find_image_token(tokenizer)
+  if image_token is None:
+    raise UserError(f'The tokenizer has no image token ({IMAGE_TOKEN!r} is not in its vocab).')
+  return image_token
