@@ -63,11 +63,25 @@ def siglip_vision_config(use_head: bool = True) -> transformers.SiglipVisionConf
   )
 
 
+def dinov2_config(image_size: int = 24) -> transformers.Dinov2Config:
+  """A 3-layer DINOv2 ViT with 4x4 patches whose position table is for `image_size` images
+  (6x6 patches by default: reading IMAGE_SIZE images resizes it, as real DINOv2 towers do
+  at 224 px with a table for 518 px)."""
+  return transformers.Dinov2Config(
+      hidden_size=24, mlp_ratio=2, num_hidden_layers=3, num_attention_heads=2,
+      image_size=image_size, patch_size=PATCH_SIZE, layerscale_value=0.5,
+  )
+
+
 def llava_config(text: str = 'llama', vision: str = 'clip') -> transformers.LlavaConfig:
-  """LLaVA over a tiny decoder ('llama' | 'qwen2') and vision tower ('clip' | 'siglip')."""
+  """LLaVA over a tiny decoder ('llama' | 'qwen2') and vision tower ('clip' | 'siglip' |
+  'dinov2'; its folder needs an image processor cropping to IMAGE_SIZE, see
+  `save_image_processor`)."""
   text_config = llama_config() if text == 'llama' else qwen2_config()
   if vision == 'clip':
     vision_config, feature_layer, select = clip_vision_config(), -2, 'default'
+  elif vision == 'dinov2':
+    vision_config, feature_layer, select = dinov2_config(), -2, 'default'
   else:
     vision_config, feature_layer, select = siglip_vision_config(use_head=False), -1, 'full'
   return transformers.LlavaConfig(
@@ -75,6 +89,13 @@ def llava_config(text: str = 'llama', vision: str = 'clip') -> transformers.Llav
       vision_feature_layer=feature_layer, vision_feature_select_strategy=select,
       image_seq_length=NUM_PATCHES, tie_word_embeddings=text_config.tie_word_embeddings,
   )
+
+
+def save_image_processor(folder, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+  """A CLIP-style image processor cropping to IMAGE_SIZE (what DINOv2 folders ship)."""
+  transformers.CLIPImageProcessor(
+      size={'shortest_edge': IMAGE_SIZE}, crop_size={'height': IMAGE_SIZE, 'width': IMAGE_SIZE},
+      image_mean=list(mean), image_std=list(std)).save_pretrained(folder)
 
 
 def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:

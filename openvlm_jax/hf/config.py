@@ -15,7 +15,9 @@ from openvlm_jax.console import UserError
 from openvlm_jax.models.config import LLMConfig, RopeScaling, VisionConfig, VLMConfig
 
 TEXT_MODEL_TYPES = ('llama', 'qwen2', 'mistral')
-VISION_MODEL_TYPES = ('clip_vision_model', 'siglip_vision_model')
+VISION_MODEL_TYPES = ('clip_vision_model', 'siglip_vision_model', 'dinov2')
+# ImageNet's, which DINOv2's image processors use.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Full CLIP/SigLIP models (text + vision); only their vision half is used.
 DUAL_ENCODER_TYPES = ('clip', 'siglip')
 
@@ -84,6 +86,43 @@ def llm_config_from_hf(config: HFConfig) -> LLMConfig:
   )
 
 
+def _processor_image_size(preprocessor: dict | None) -> int | None:
+  """The square size a preprocessor_config.json crops (or resizes) images to, if it says."""
+  preprocessor = preprocessor or {}
+  for key in ('crop_size', 'size'):
+    size = preprocessor.get(key)
+    if isinstance(size, dict) and size.get('height') and size.get('height') == size.get('width'):
+      return int(size['height'])
+    if isinstance(size, int):
+      return size
+  return None
+
+
+def _dinov2_config(config: transformers.PretrainedConfig, feature_layer: int,
+                   feature_select: str, preprocessor: dict | None) -> VisionConfig:
+  """A Dinov2Config: the position table keeps the checkpoint's grid (image_size // patch);
+  the tower reads the preprocessor's crop size (224 for DINOv2's own), or image_size."""
+  if config.use_swiglu_ffn:
+    raise UserError('a DINOv2 tower with use_swiglu_ffn (ViT-g) is not supported')
+  preprocessor = preprocessor or {}
+  return VisionConfig(
+      kind='dinov2',
+      image_size=_processor_image_size(preprocessor) or config.image_size,
+      patch_size=config.patch_size,
+      hidden_size=config.hidden_size,
+      intermediate_size=int(config.hidden_size * config.mlp_ratio),
+      num_layers=config.num_hidden_layers,
+      num_heads=config.num_attention_heads,
+      layer_norm_eps=float(config.layer_norm_eps),
+      hidden_act=config.hidden_act,
+      feature_layer=feature_layer,
+      feature_select=feature_select,
+      image_mean=tuple(float(x) for x in preprocessor.get('image_mean', IMAGENET_MEAN)),
+      image_std=tuple(float(x) for x in preprocessor.get('image_std', IMAGENET_STD)),
+      position_grid=config.image_size // config.patch_size,
+  )
+
+
 def vision_config_from_hf(
     config: HFConfig,
     *,
@@ -91,18 +130,21 @@ def vision_config_from_hf(
     feature_select: str | None = None,
     preprocessor: dict | None = None,
 ) -> VisionConfig:
-  """VisionConfig of a CLIP/SigLIP vision config (or a full CLIP/SigLIP model's).
+  """VisionConfig of a CLIP/SigLIP/DINOv2 vision config (or a full CLIP/SigLIP model's).
 
-  `feature_layer`/`feature_select` default to LLaVA's choices: CLIP reads layer -2 without
-  the class token, SigLIP the last layer with every patch. `preprocessor` is a
+  `feature_layer`/`feature_select` default to LLaVA's choices: CLIP and DINOv2 read layer -2
+  without the class token, SigLIP the last layer with every patch. `preprocessor` is a
   preprocessor_config.json dict; its image_mean/image_std are used when present (otherwise
-  the CLIP or SigLIP defaults).
+  the CLIP, SigLIP or ImageNet defaults).
   """
   config = _as_hf_config(config)
   if config.model_type in DUAL_ENCODER_TYPES:
     config = config.vision_config
   if config.model_type not in VISION_MODEL_TYPES:
     raise UserError(f'vision model_type {config.model_type!r} is not one of {VISION_MODEL_TYPES}')
+  if config.model_type == 'dinov2':
+    return _dinov2_config(config, -2 if feature_layer is None else feature_layer,
+                          feature_select or 'default', preprocessor)
   kind = 'clip' if config.model_type == 'clip_vision_model' else 'siglip'
   if feature_layer is None:
     feature_layer = -2 if kind == 'clip' else -1
@@ -236,7 +278,8 @@ def llm_config_to_hf(config: LLMConfig) -> transformers.PretrainedConfig:
 
 
 def vision_config_to_hf(config: VisionConfig) -> transformers.PretrainedConfig:
-  """A CLIPVisionConfig or SiglipVisionConfig (without SigLIP's pooling head)."""
+  """A CLIPVisionConfig, SiglipVisionConfig (without SigLIP's pooling head) or Dinov2Config
+  (without the mask token, which only masked-image pretraining uses)."""
   common = {
       'image_size': config.image_size,
       'patch_size': config.patch_size,
@@ -249,6 +292,14 @@ def vision_config_to_hf(config: VisionConfig) -> transformers.PretrainedConfig:
   }
   if config.kind == 'clip':
     return transformers.CLIPVisionConfig(**common)
+  if config.kind == 'dinov2':
+    del common['intermediate_size']
+    common['image_size'] = config.table_grid * config.patch_size
+    if config.intermediate_size % config.hidden_size:
+      raise UserError(f'a DINOv2 MLP of {config.intermediate_size} for width '
+                      f'{config.hidden_size} has no integer mlp_ratio')
+    return transformers.Dinov2Config(
+        **common, mlp_ratio=config.intermediate_size // config.hidden_size, use_mask_token=False)
   return transformers.SiglipVisionConfig(**common, vision_use_head=False)
 
 

@@ -50,7 +50,7 @@ PREFIXES = {
 # Checkpoint tensors that we do not model and may drop silently.
 IGNORED = re.compile(
     r'(^|\.)(head\.|position_ids$|rotary_emb\.inv_freq$|text_model\.|logit_scale$|logit_bias$|'
-    r'text_projection\.|visual_projection\.)'
+    r'text_projection\.|visual_projection\.|embeddings\.mask_token$)'
 )
 
 
@@ -58,13 +58,17 @@ IGNORED = re.compile(
 class Layout:
   """How a Hugging Face tensor is laid out relative to our parameter."""
 
-  kind: str  # 'same' | 'flat' | 'kernel' | 'conv'
-  num_in_axes: int = 1  # for 'kernel': leading axes of ours that HF flattens into `in`
+  kind: str  # 'same' | 'flat' | 'kernel' | 'conv' | 'batched'
+  # 'kernel': leading axes of ours that HF flattens into `in`; 'batched': the size-1 axes HF
+  # puts in front of ours (DINOv2's [1, 1, embed] class token).
+  num_in_axes: int = 1
 
   def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor shape for our parameter shape."""
     if self.kind == 'same':
       return tuple(shape)
+    if self.kind == 'batched':
+      return (1,) * self.num_in_axes + tuple(shape)
     if self.kind == 'flat':
       return (math.prod(shape),)
     if self.kind == 'kernel':
@@ -128,8 +132,42 @@ def llm_rules(config: LLMConfig) -> list[Rule]:
   return rules
 
 
+def dinov2_rules() -> list[Rule]:
+  """Rules of a DINOv2 tower (Dinov2Model's saved names)."""
+  rules = [
+      (('patch_embedding', 'kernel'), 'embeddings.patch_embeddings.projection.weight', CONV),
+      (('patch_embedding', 'bias'), 'embeddings.patch_embeddings.projection.bias', SAME),
+      (('class_embedding',), 'embeddings.cls_token', Layout('batched', 2)),
+      (('position_embedding',), 'embeddings.position_embeddings', Layout('batched', 1)),
+      (('post_norm', 'scale'), 'layernorm.weight', SAME),
+      (('post_norm', 'bias'), 'layernorm.bias', SAME),
+  ]
+  layer = [
+      (('norm1', 'scale'), 'norm1.weight', SAME),
+      (('norm1', 'bias'), 'norm1.bias', SAME),
+      (('norm2', 'scale'), 'norm2.weight', SAME),
+      (('norm2', 'bias'), 'norm2.bias', SAME),
+      (('layer_scale1',), 'layer_scale1.lambda1', SAME),
+      (('layer_scale2',), 'layer_scale2.lambda1', SAME),
+      (('attention', 'o_proj', 'kernel'), 'attention.output.dense.weight', OUT_KERNEL),
+      (('attention', 'o_proj', 'bias'), 'attention.output.dense.bias', SAME),
+      (('fc1', 'kernel'), 'mlp.fc1.weight', KERNEL),
+      (('fc1', 'bias'), 'mlp.fc1.bias', SAME),
+      (('fc2', 'kernel'), 'mlp.fc2.weight', KERNEL),
+      (('fc2', 'bias'), 'mlp.fc2.bias', SAME),
+  ]
+  for ours, theirs in (('q_proj', 'query'), ('k_proj', 'key'), ('v_proj', 'value')):
+    layer.append((('attention', ours, 'kernel'), f'attention.attention.{theirs}.weight', KERNEL))
+    layer.append((('attention', ours, 'bias'), f'attention.attention.{theirs}.bias', FLAT))
+  return [Rule('vision', path, name, lay) for path, name, lay in rules] + [
+      Rule('vision', path, f'encoder.layer.{{i}}.{name}', lay, True) for path, name, lay in layer
+  ]
+
+
 def vision_rules(config: VisionConfig) -> list[Rule]:
   """Rules of the vision tower (paths below the tower's params)."""
+  if config.kind == 'dinov2':
+    return dinov2_rules()
   is_clip = config.kind == 'clip'
   rules = [
       (('patch_embedding', 'kernel'), 'embeddings.patch_embedding.weight', CONV),
@@ -305,6 +343,15 @@ def hf_to_params(
   return params
 
 
+def _write_prefix(kind: str, component: str, config: Config) -> str:
+  """The prefix written: the classic one, except for a DINOv2 tower, which (an AutoModel
+  in LLaVA, not a *VisionModel) has no 'vision_model.' level."""
+  vision = config.vision if isinstance(config, VLMConfig) else config
+  if component == 'vision' and getattr(vision, 'kind', None) == 'dinov2':
+    return {'llava': 'vision_tower.', 'vision': ''}[kind]
+  return PREFIXES[kind][component][0]
+
+
 def iter_hf_tensors(params: Mapping, config: Config) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, numpy array) for our params, one tensor at a time, classic layout.
 
@@ -316,7 +363,7 @@ def iter_hf_tensors(params: Mapping, config: Config) -> Iterator[tuple[str, np.n
     root_path = (root,) if root else ()
     scanned, num_layers = _layer_roots(params, root_path)
     for rule in rules:
-      prefix = PREFIXES[kind][rule.component][0]
+      prefix = _write_prefix(kind, rule.component, config)
       if not rule.per_layer:
         param = np.asarray(_get(params, root_path + rule.path))
         yield prefix + rule.hf_name, rule.layout.to_hf(param)

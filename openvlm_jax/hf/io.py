@@ -330,7 +330,8 @@ def save_processor(
   """Writes a LlavaProcessor (image processor + `tokenizer`) so `AutoProcessor` loads it.
 
   The image processor resizes to the tower's image size and normalises with the config's
-  mean/std: CLIP-style (shortest edge + center crop) or SigLIP-style (square resize). The
+  mean/std: CLIP-style (shortest edge + center crop; CLIP, DINOv2) or SigLIP-style (square
+  resize). The
   processor expands each image token to exactly `vision_config.num_image_tokens` tokens.
   Returns the processor.
   """
@@ -339,7 +340,7 @@ def save_processor(
       'image_mean': list(vision_config.image_mean),
       'image_std': list(vision_config.image_std),
   }
-  if vision_config.kind == 'clip':
+  if vision_config.has_class_token:  # CLIP, DINOv2
     image_processor = transformers.CLIPImageProcessor(
         size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
         do_center_crop=True, **common,
@@ -348,7 +349,7 @@ def save_processor(
     image_processor = transformers.SiglipImageProcessor(
         size={'height': size, 'width': size}, **common
     )
-  has_class_token = vision_config.kind == 'clip'
+  has_class_token = vision_config.has_class_token
   processor = transformers.LlavaProcessor(
       image_processor=image_processor,
       tokenizer=tokenizer,

@@ -44,10 +44,12 @@ class LLMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """A ViT image encoder of the CLIP kind or the SigLIP kind."""
+  """A ViT image encoder of the CLIP, SigLIP or DINOv2 kind."""
 
-  kind: str  # 'clip' (class token, pre-layernorm) | 'siglip' (no class token, post-layernorm)
-  image_size: int
+  # 'clip' (class token, pre-layernorm) | 'siglip' (no class token) | 'dinov2' (class token,
+  # layer scale, position table interpolated to the image's grid)
+  kind: str
+  image_size: int  # what the tower reads; the number of image tokens follows from it
   patch_size: int
   hidden_size: int
   intermediate_size: int
@@ -59,16 +61,32 @@ class VisionConfig:
   feature_select: str = 'default'  # 'default' drops the class token, 'full' keeps all
   image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
   image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+  # Side of the learned position table's patch grid (DINOv2 checkpoints: 37 = 518 // 14);
+  # 0: the image's own grid, image_size // patch_size.
+  position_grid: int = 0
+
+  @property
+  def grid(self) -> int:
+    """Patches along each side of the image."""
+    return self.image_size // self.patch_size
 
   @property
   def num_patches(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
+    return self.grid ** 2
+
+  @property
+  def table_grid(self) -> int:
+    """Side of the position table's patch grid."""
+    return self.position_grid or self.grid
+
+  @property
+  def has_class_token(self) -> bool:
+    return self.kind in ('clip', 'dinov2')
 
   @property
   def num_image_tokens(self) -> int:
     """Tokens each image occupies in the LLM's sequence."""
-    has_class_token = self.kind == 'clip'
-    keeps_class_token = has_class_token and self.feature_select == 'full'
+    keeps_class_token = self.has_class_token and self.feature_select == 'full'
     return self.num_patches + int(keeps_class_token)
 
 

@@ -24,13 +24,15 @@ def _vlm_config(text: str, vision: str) -> VLMConfig:
       num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5, qkv_bias=text == 'qwen2',
       tie_embeddings=text == 'qwen2', family=text,
   )
-  is_clip = vision == 'clip'
+  is_clip, is_dinov2 = vision == 'clip', vision == 'dinov2'
   vision_config = VisionConfig(
       kind=vision, image_size=tiny_hf.IMAGE_SIZE, patch_size=tiny_hf.PATCH_SIZE,
       hidden_size=24, intermediate_size=48, num_layers=2, num_heads=2,
-      hidden_act='quick_gelu' if is_clip else 'gelu_pytorch_tanh',
+      hidden_act={'clip': 'quick_gelu', 'siglip': 'gelu_pytorch_tanh'}.get(vision, 'gelu'),
       layer_norm_eps=1e-5 if is_clip else 1e-6,
-      feature_layer=-2 if is_clip else -1, feature_select='default' if is_clip else 'full',
+      feature_layer=-1 if vision == 'siglip' else -2,
+      feature_select='full' if vision == 'siglip' else 'default',
+      position_grid=6 if is_dinov2 else 0,  # a table for 24 px images, read at 16 px
   )
   return VLMConfig(llm=llm, vision=vision_config, image_token_id=tiny_hf.IMAGE_TOKEN_ID)
 
@@ -53,7 +55,8 @@ def _load_hf(folder):
   return model.eval()
 
 
-@pytest.mark.parametrize('text,vision', [('llama', 'clip'), ('qwen2', 'siglip')])
+@pytest.mark.parametrize('text,vision', [('llama', 'clip'), ('qwen2', 'siglip'),
+                                         ('qwen2', 'dinov2')])
 def test_export_float32_loads_in_transformers_with_same_logits(tmp_path, text, vision):
   config, params = _random_vlm(text, vision)
   io.save_pretrained(config, params, tmp_path)
@@ -114,7 +117,7 @@ def _tiny_tokenizer():
   return tokenizer
 
 
-@pytest.mark.parametrize('vision', ['clip', 'siglip'])
+@pytest.mark.parametrize('vision', ['clip', 'siglip', 'dinov2'])
 def test_save_processor_expands_image_tokens(tmp_path, vision):
   config = _vlm_config('llama', vision)
   io.save_processor(tmp_path, _tiny_tokenizer(), config.vision)

@@ -54,10 +54,13 @@ def _apply(config, params, input_ids, mask, images):
   return apply(params, input_ids, images, tiny_hf.positions_from_mask(mask), mask)
 
 
-@pytest.mark.parametrize('text,vision', [('llama', 'clip'), ('qwen2', 'siglip')])
+@pytest.mark.parametrize('text,vision', [('llama', 'clip'), ('qwen2', 'siglip'),
+                                         ('llama', 'dinov2')])
 def test_llava_matches_hf_with_several_images_and_padding(tmp_path, text, vision):
   hf_model = tiny_hf.build(
       transformers.LlavaForConditionalGeneration, tiny_hf.llava_config(text, vision), tmp_path)
+  if vision == 'dinov2':
+    tiny_hf.save_image_processor(tmp_path)
   config, params = io.load_pretrained(tmp_path)
   assert set(params) == {'vision', 'projector', 'llm'}
   assert config.vision.num_image_tokens == tiny_hf.NUM_PATCHES
