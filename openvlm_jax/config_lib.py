@@ -65,6 +65,9 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
   # Stage-1 recipe: a bare LLM folder and a vision-tower folder, with a fresh projector.
   model.llm_from = ''
   model.vision_from = ''
+  # Image size a pretrained DINOv2 tower reads (its position table is resized to the grid);
+  # 0: the size its folder's image processor crops to.
+  model.tower_image_size = 0
   model.llm = ml_collections.ConfigDict(dict(
       family='llama', vocab_size=0, head_dim=0, rope_theta=10000.0, rms_norm_eps=1e-6,
       qkv_bias=False, tie_embeddings=False, max_position_embeddings=4096, **sizes['llm']))
@@ -248,7 +251,8 @@ def lora_config(lora: ml_collections.ConfigDict | None) -> model_config.LoraConf
 # Keys whose change between a checkpoint and a resumed run would alter the train state's shapes
 # (or what its tensors mean); anything else may change on resume, with a warning.
 STATE_SHAPING_KEYS = ('model.llm.', 'model.vision.', 'model.projector', 'model.init_from',
-                      'model.llm_from', 'model.vision_from', 'model.scan_layers',
+                      'model.llm_from', 'model.vision_from', 'model.tower_image_size',
+                      'model.scan_layers',
                       'model.param_dtype', 'lora.rank', 'lora.targets', 'lora.base_dtype',
                       'trainable', 'tokenizer')
 

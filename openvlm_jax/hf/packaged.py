@@ -14,6 +14,9 @@ dependencies, e.g. llama-cpp-python, are not needed) into the cache, `$OPENVLM_J
 so parallel test workers build each once.
 
   python -m openvlm_jax.hf.packaged smollm2   # prints the folder's path (or dinov2_small)
+
+A config names them as 'packaged:smollm2' / 'packaged:dinov2_small' wherever it takes a
+Hugging Face folder (`resolve`).
 """
 
 import os
@@ -181,6 +184,22 @@ def dinov2_small_folder() -> Path:
 
 
 FOLDERS = {'smollm2': smollm2_folder, 'dinov2_small': dinov2_small_folder}
+SCHEME = 'packaged:'
+
+
+def resolve(path: str) -> str:
+  """'packaged:<name>' -> that folder (built on first use); any other path unchanged.
+
+  Raises:
+    UserError: an unknown packaged name.
+  """
+  if not path.startswith(SCHEME):
+    return path
+  name = path.removeprefix(SCHEME)
+  if name not in FOLDERS:
+    raise UserError(f'{path!r}: unknown packaged weights; known: '
+                    f'{", ".join(SCHEME + known for known in FOLDERS)}')
+  return str(FOLDERS[name]())
 
 if __name__ == '__main__':
   if len(sys.argv) != 2 or sys.argv[1] not in FOLDERS:

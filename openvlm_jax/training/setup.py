@@ -21,6 +21,7 @@ from openvlm_jax.data import charts, digits, pipeline
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.hf import io as hf_io
+from openvlm_jax.hf import packaged
 from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.vlm import VLM
@@ -156,7 +157,29 @@ def model_config(config: ml_collections.ConfigDict,
   """
   runtime = dict(config_lib.runtime_fields(config.model),
                  lora=config_lib.lora_config(config.lora))
-  return MODEL_SOURCES[config_lib.model_source(config.model)].config(config, tokenizer, runtime)
+  source = config_lib.model_source(config.model)
+  vlm_config = MODEL_SOURCES[source].config(config, tokenizer, runtime)
+  return with_tower_image_size(vlm_config, config.model.tower_image_size)
+
+
+def with_tower_image_size(vlm_config: VLMConfig, image_size: int) -> VLMConfig:
+  """The VLM config with its DINOv2 tower reading `image_size` pixels (0: unchanged).
+
+  Raises:
+    UserError: the tower is not DINOv2 (CLIP and SigLIP tables have one size), or the size
+      is not a multiple of the patch size.
+  """
+  vision = vlm_config.vision
+  if not image_size or image_size == vision.image_size:
+    return vlm_config
+  key = f'config.model.tower_image_size={image_size}'
+  if vision.kind != 'dinov2':
+    raise UserError(f'{key}: only a DINOv2 tower resizes its position table; this '
+                    f'{vision.kind} tower reads {vision.image_size} px')
+  if image_size % vision.patch_size:
+    raise UserError(f'{key}: not a multiple of the patch size {vision.patch_size}')
+  return dataclasses.replace(vlm_config,
+                             vision=dataclasses.replace(vision, image_size=image_size))
 
 
 def make_run(config: ml_collections.ConfigDict, workdir: str, build_demo: bool = True) -> Run:
@@ -166,6 +189,7 @@ def make_run(config: ml_collections.ConfigDict, workdir: str, build_demo: bool =
   run left in the workdir instead of building them.
   """
   parallel.initialize_distributed()
+  config = with_packaged_folders(config)
   mesh = parallel.make_mesh(config.mesh)
   check_batch_fits_mesh(config, mesh)
   # Process 0 builds the demo data and tokenizer (once per workdir); the others then load them.
@@ -180,6 +204,36 @@ def make_run(config: ml_collections.ConfigDict, workdir: str, build_demo: bool =
   return Run(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
              vlm_config=vlm_config, model=VLM(vlm_config), train_files=train_files,
              eval_files=eval_files)
+
+
+FOLDER_KEYS = ('tokenizer', 'model.init_from', 'model.llm_from', 'model.vision_from')
+
+
+def with_packaged_folders(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` whose 'packaged:<name>' folders (`hf.packaged`) are real paths.
+
+  Process 0 builds a missing one first; the others then find it.
+  """
+  def value_of(config, key):
+    for name in key.split('.'):
+      config = config[name]
+    return config
+
+  named = [key for key in FOLDER_KEYS if value_of(config, key).startswith(packaged.SCHEME)]
+  if not named:
+    return config
+  if jax.process_index() == 0:
+    for key in named:
+      packaged.resolve(value_of(config, key))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('openvlm_jax: packaged weights ready')
+  resolved = config.copy_and_resolve_references()
+  with resolved.unlocked():
+    for key in named:
+      section, _, name = key.rpartition('.')
+      target = resolved[section] if section else resolved
+      target[name] = packaged.resolve(target[name])
+  return resolved
 
 
 def check_batch_fits_mesh(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -5,10 +5,9 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
-
-import pytest
 
 from openvlm_jax.hf import io
 from openvlm_jax.models import vision

@@ -41,3 +41,41 @@ def test_the_sum_recipe_builds_images_of_its_model_size(tmp_path):
 def test_every_model_source_has_a_config_and_weights():
   assert sorted(setup.MODEL_SOURCES) == ['hf_folder', 'scratch', 'stage1']
   assert setup.MODEL_SOURCES['scratch'].params(None, None, {}) is None
+
+
+def test_packaged_folders_resolve_to_paths_and_other_keys_stay(tmp_path, monkeypatch):
+  from configs import real_weights  # pylint: disable=g-import-not-at-top
+  built = []
+  monkeypatch.setitem(setup.packaged.FOLDERS, 'smollm2',
+                      lambda: built.append('smollm2') or tmp_path / 'smollm2')
+  monkeypatch.setitem(setup.packaged.FOLDERS, 'dinov2_small',
+                      lambda: built.append('dinov2') or tmp_path / 'dinov2')
+  config = real_weights.get_config('stage=1')
+  resolved = setup.with_packaged_folders(config)
+  assert resolved.model.llm_from == str(tmp_path / 'smollm2')
+  assert resolved.model.vision_from == str(tmp_path / 'dinov2')
+  assert config.model.llm_from == 'packaged:smollm2'  # the config itself is unchanged
+  assert resolved.model.tower_image_size == 56 and resolved.tokenizer == ''
+  stage2 = real_weights.get_config('stage=2')
+  assert setup.with_packaged_folders(stage2) is stage2  # nothing packaged in it
+  assert stage2.lora.rank == 16 and stage2.model.init_from == 'runs/rw1/hf'
+  with pytest.raises(UserError, match="unknown packaged weights; known: packaged:smollm2"):
+    setup.packaged.resolve('packaged:llama-70b')
+
+
+def test_only_a_dinov2_tower_reads_another_image_size():
+  from openvlm_jax.models.config import LLMConfig, VisionConfig, VLMConfig  # pylint: disable=g-import-not-at-top
+  llm = LLMConfig(vocab_size=8, hidden_size=8, intermediate_size=16, num_layers=1,
+                  num_heads=2, num_kv_heads=1)
+  tower = {'image_size': 224, 'patch_size': 14, 'hidden_size': 8, 'intermediate_size': 16,
+           'num_layers': 1, 'num_heads': 2}
+  dinov2 = VLMConfig(llm=llm, vision=VisionConfig(kind='dinov2', position_grid=37, **tower))
+  resized = setup.with_tower_image_size(dinov2, 56)
+  assert (resized.vision.image_size, resized.vision.table_grid,
+          resized.vision.num_image_tokens) == (56, 37, 16)
+  assert setup.with_tower_image_size(dinov2, 0) is dinov2
+  with pytest.raises(UserError, match='not a multiple of the patch size 14'):
+    setup.with_tower_image_size(dinov2, 50)
+  clip = VLMConfig(llm=llm, vision=VisionConfig(kind='clip', **tower))
+  with pytest.raises(UserError, match='only a DINOv2 tower resizes its position table'):
+    setup.with_tower_image_size(clip, 56)

@@ -51,23 +51,32 @@ def _smollm2(root, train_file):
 
 
 DECODERS = {'tiny': _tiny_decoder, 'smollm2': _smollm2}
+TOWERS = {
+    'clip': (transformers.CLIPVisionModel, tiny_hf.clip_vision_config),
+    'dinov2': (transformers.Dinov2Model, tiny_hf.dinov2_config),  # its table resized
+}
 
 
-@pytest.fixture(scope='module', params=sorted(DECODERS))
+@pytest.fixture(scope='module', params=[('tiny', 'clip'), ('tiny', 'dinov2'),
+                                        ('smollm2', 'clip')], ids='-'.join)
 def stage1_run(request, tmp_path_factory):
   """(config, workdir, the decoder's torch model, its vocabulary, the tokens to be added)
-  after 2 stage-1 steps from that decoder and a tiny CLIP tower."""
+  after 2 stage-1 steps from that decoder and a tiny vision tower."""
+  decoder, tower = request.param
   root = tmp_path_factory.mktemp('stage1')
   files = digits.build_digits_dataset(str(root / 'data'), image_size=16)
   with open(files['train']) as f:
     head = f.readlines()[:32]
   train_file = root / 'data' / 'train_head.jsonl'
   train_file.write_text(''.join(head))
-  llm_folder, added = DECODERS[request.param](root, train_file)
+  llm_folder, added = DECODERS[decoder](root, train_file)
   hf_llm = transformers.LlamaForCausalLM.from_pretrained(llm_folder, dtype=torch.float32).eval()
   vocab = hf_llm.config.vocab_size
   vision_folder = root / 'vision'
-  tiny_hf.build(transformers.CLIPVisionModel, tiny_hf.clip_vision_config(), vision_folder)
+  model_cls, vision_config = TOWERS[tower]
+  tiny_hf.build(model_cls, vision_config(), vision_folder)
+  if tower == 'dinov2':
+    tiny_hf.save_image_processor(vision_folder)
   config = sft.get_config('model=tiny,steps=2,recipe=stage1')
   config.model.llm_from, config.model.vision_from = str(llm_folder), str(vision_folder)
   config.data.train_files = (str(train_file),)
