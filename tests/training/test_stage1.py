@@ -87,8 +87,9 @@ def stage1_run(request, tmp_path_factory):
   return config, workdir, hf_llm, vocab, added
 
 
-def test_the_run_adds_the_missing_tokens_and_keeps_them(stage1_run):
-  _, workdir, _, vocab, added = stage1_run
+def test_stage1_adds_the_tokens_and_exports_with_the_decoder_untouched(stage1_run, tmp_path):
+  # One test per run: each run is built once per test process.
+  config, workdir, hf_llm, vocab, added = stage1_run
   saved = tokenizer_lib.load_tokenizer(os.path.join(workdir, 'tokenizer'))
   assert len(saved) == vocab + len(added)
   assert saved.convert_tokens_to_ids(added) == list(range(vocab, vocab + len(added)))
@@ -96,14 +97,12 @@ def test_the_run_adds_the_missing_tokens_and_keeps_them(stage1_run):
   # '<image>' is one special token: text holding it tokenizes to its id.
   assert saved('a <image> b')['input_ids'].count(vocab) == 1
 
-
-def test_the_export_loads_in_transformers_with_the_decoder_untouched(stage1_run, tmp_path):
-  config, workdir, hf_llm, vocab, added = stage1_run
   config = config.copy_and_resolve_references()
   config.export.dir = str(tmp_path)
   modes.export(config, workdir)
   raw = json.loads((tmp_path / 'config.json').read_text())
-  assert raw['text_config']['vocab_size'] == vocab + len(added) and raw['image_token_index'] == vocab
+  assert raw['text_config']['vocab_size'] == vocab + len(added)
+  assert raw['image_token_index'] == vocab
   model = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path,
                                                                      dtype=torch.float32)
   processor = transformers.AutoProcessor.from_pretrained(tmp_path)
