@@ -173,6 +173,14 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
       input='', output='', database='',  # '': <workdir>/predictions.jsonl, <workdir>/runs.db
       batch_size=8, max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0))
 
+  # --mode=serve: an OpenAI-compatible API on host:port (serving/): limits and batching.
+  config.serve = ml_collections.ConfigDict(dict(
+      host='127.0.0.1', port=8000, model_name='',  # '': the workdir's folder name
+      temperature=0.0,  # when a request gives none: numbers are not sampled unless asked
+      max_new_tokens=64, max_prompt_tokens=0,  # 0: data.seq_len
+      max_image_bytes=8 << 20, image_root='',  # local image paths only below it; '': none
+      max_batch=8, batch_window_ms=5.0, max_queue=64))
+
   config.export = ml_collections.ConfigDict()
   config.export.dir = ''
   config.export.dtype = 'float32'  # 'float32' | 'bfloat16'

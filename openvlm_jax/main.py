@@ -6,7 +6,8 @@ r"""OpenVLM-JAX entry point.
 
 Modes: train (resumes from the workdir's latest checkpoint), eval (the latest checkpoint on the
 eval split), predict (answers `--config.predict.input=questions.jsonl` into JSONL and a SQLite
-database for `datasette`), export (a Hugging Face folder from a checkpoint).
+database for `datasette`), export (a Hugging Face folder from a checkpoint), serve (an
+OpenAI-compatible API over the latest checkpoint, `config.serve`).
 
 The console shows our progress bar and log lines; libraries' INFO logs (Orbax, JAX, Grain)
 appear with `--verbosity=0` (or higher). A mistake in the config, the data, a checkpoint or
@@ -25,7 +26,8 @@ from openvlm_jax import config_lib, console
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to a config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and data.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export'], 'What to do.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'export', 'serve'],
+                          'What to do.')
 _DEBUG = flags.DEFINE_bool('debug', False, 'Show the traceback of a configuration, data or '
                            'checkpoint error instead of one line.')
 flags.mark_flags_as_required(['config', 'workdir'])

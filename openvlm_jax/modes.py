@@ -141,6 +141,37 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
               format=export.format)
 
 
+def serving_engine(config: ml_collections.ConfigDict, workdir: str):
+  """(the engine over the latest checkpoint's params, the model's name) for `serve`."""
+  from openvlm_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  checkpoint.require_step(workdir)
+  run = setup.make_run(config, workdir, build_demo=False)
+  params, step = restore_params(run)
+  section = config.serve
+  limits = engine_lib.Limits(
+      max_new_tokens=section.max_new_tokens, max_prompt_tokens=section.max_prompt_tokens,
+      max_image_bytes=section.max_image_bytes, image_root=section.image_root,
+      max_batch=section.max_batch, batch_window_ms=section.batch_window_ms,
+      max_queue=section.max_queue)
+  engine = engine_lib.Engine(run.model, params, setup.example_spec(run), run.tokenizer, limits)
+  name = section.model_name or os.path.basename(os.path.abspath(workdir))
+  logging.info('serving step %d of %s as %s', step, workdir, name)
+  return engine, name
+
+
+def serve(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Serves the latest checkpoint as an OpenAI-compatible API until interrupted."""
+  import uvicorn  # pylint: disable=g-import-not-at-top
+
+  from openvlm_jax.serving import api  # pylint: disable=g-import-not-at-top
+  engine, name = serving_engine(config, workdir)
+  app = api.make_app(engine, name, default_temperature=config.serve.temperature)
+  say(f'serving {name} on http://{config.serve.host}:{config.serve.port}/v1 '
+      '(OpenAI chat completions; Ctrl-C stops)')
+  uvicorn.run(app, host=config.serve.host, port=config.serve.port, log_level='warning')
+  return dict(model=name, **engine.stats)
+
+
 def fully_trained_components(config: ml_collections.ConfigDict, params) -> tuple[str, ...]:
   """The components ('vision', 'projector', 'llm') with trained weights besides LoRA adapters.
 

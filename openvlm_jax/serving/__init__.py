@@ -1,0 +1,1 @@
+"""Serving a trained run: `engine` (requests -> batched KV-cache decoding), `api` (OpenAI)."""

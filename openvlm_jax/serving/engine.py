@@ -1,0 +1,288 @@
+"""Chat requests -> prompts and images -> answers, batched into the jitted KV-cache decoder.
+
+Requests wait in a queue; a batcher takes the first, collects the ones that arrive within
+`batch_window_ms` (up to `max_batch` rows, `n` rows per request), groups those that can share
+one compiled decoder (same sampling settings and max-token bucket; a request with a `seed`
+gets its own batch so its samples depend on the seed alone), pads each group to a bucketed
+(rows, prompt length) shape and runs it in a worker thread. Shapes come from small sets
+(`ROW_BUCKETS`, powers of two for prompts and new tokens), so requests do not recompile.
+"""
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from openvlm_jax import inference
+from openvlm_jax.data import examples as examples_lib
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class RequestError(ValueError):
+  """A request the server refuses: `status` (4xx), `param` (the field), OpenAI's `code`."""
+
+  def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+               code: str | None = None):
+    super().__init__(message)
+    self.status, self.param, self.code = status, param, code
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What one request may ask for, and how requests are batched (`config.serve`)."""
+
+  max_new_tokens: int = 64
+  max_prompt_tokens: int = 0  # 0: the run's seq_len
+  max_image_bytes: int = 8 << 20
+  image_root: str = ''  # local image paths are read only below this folder; '': none
+  max_batch: int = 8  # rows per decoder call
+  batch_window_ms: float = 5.0
+  max_queue: int = 64  # requests waiting; more are refused with 429
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """The settings that select a compiled decoder (rows with equal ones share a batch)."""
+
+  temperature: float
+  top_p: float
+  max_new_bucket: int
+  seed: int | None
+
+
+@dataclasses.dataclass
+class Job:
+  """One request: its prompt, images, rows to generate and where the answers go."""
+
+  prompt: np.ndarray  # int32 [num_tokens], image tokens widened
+  images: np.ndarray  # float32 [max_images, H, W, 3]
+  sampling: Sampling
+  max_new_tokens: int
+  n: int
+  future: asyncio.Future
+  prompt_tokens: int = 0
+
+
+def _bucket(value: int, smallest: int = 16) -> int:
+  """The smallest power of two (from `smallest`) holding `value`."""
+  size = smallest
+  while size < value:
+    size *= 2
+  return size
+
+
+def _image_bytes(url: str, limits: Limits) -> bytes:
+  """The bytes of an `image_url`: a base64 data URI, or a local path below `image_root`."""
+  if url.startswith('data:'):
+    header, _, payload = url.partition(',')
+    if ';base64' not in header:
+      raise RequestError('image data URIs must be base64', param='messages')
+    try:
+      data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+      raise RequestError('malformed base64 in an image data URI', param='messages') from None
+  else:
+    path = url.removeprefix('file://')
+    if url.startswith(('http://', 'https://')) or not limits.image_root:
+      raise RequestError('only data: URIs (and local files when the server allows a folder) '
+                         'are accepted; remote images are not fetched', param='messages')
+    root = os.path.realpath(limits.image_root)
+    path = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+      raise RequestError(f'no image {url!r} under the allowed folder', param='messages')
+    with open(path, 'rb') as f:
+      data = f.read(limits.max_image_bytes + 1)
+  if len(data) > limits.max_image_bytes:
+    raise RequestError(f'an image is larger than {limits.max_image_bytes} bytes',
+                       status=413, param='messages')
+  return data
+
+
+def to_record(messages: Sequence[dict[str, Any]], limits: Limits) -> dict[str, Any]:
+  """OpenAI chat messages -> a LLaVA record (`conversations`, `image_bytes`).
+
+  Each `image_url` part becomes an `<image>` placeholder where it stands.
+  """
+  roles = {'system': 'system', 'user': 'human', 'assistant': 'gpt'}
+  turns, images = [], []
+  for index, message in enumerate(messages):
+    role, content = message.get('role'), message.get('content')
+    if role not in roles:
+      raise RequestError(f'messages[{index}].role {role!r} is not one of {sorted(roles)}',
+                         param=f'messages[{index}].role')
+    if isinstance(content, str):
+      text = content
+    elif isinstance(content, list):
+      pieces = []
+      for part in content:
+        kind = part.get('type') if isinstance(part, dict) else None
+        if kind == 'text' and isinstance(part.get('text'), str):
+          pieces.append(part['text'])
+        elif kind == 'image_url' and isinstance(part.get('image_url'), dict):
+          images.append(_image_bytes(str(part['image_url'].get('url', '')), limits))
+          pieces.append('<image>\n')
+        else:
+          raise RequestError(f'messages[{index}] has a content part that is neither text nor '
+                             'image_url', param=f'messages[{index}].content')
+      text = ''.join(pieces)
+    else:
+      raise RequestError(f'messages[{index}].content must be a string or a list of parts',
+                         param=f'messages[{index}].content')
+    turns.append({'from': roles[role], 'value': text})
+  if not turns:
+    raise RequestError('messages is empty', param='messages')
+  if turns[-1]['from'] != 'human':
+    raise RequestError('the last message must be from the user', param='messages')
+  return {'conversations': turns, 'image_bytes': images}
+
+
+class Engine:
+  """Batches jobs into `inference.make_generate_fn` decoders over one set of params."""
+
+  def __init__(self, model: Any, params: Any, spec: examples_lib.ExampleSpec,
+               tokenizer: Any, limits: Limits):
+    self.model, self.params, self.spec = model, params, spec
+    self.tokenizer, self.limits = tokenizer, limits
+    self.max_prompt_tokens = limits.max_prompt_tokens or spec.seq_len
+    self.queue: asyncio.Queue | None = None
+    self._generators: dict[tuple, Any] = {}
+    self.stats = {'batches': 0, 'rows': 0}
+
+  def prepare(self, messages, *, max_tokens: int | None, temperature: float, top_p: float,
+              n: int, seed: int | None) -> Job:
+    """Validates a request and encodes it; the Job's future is set by `run`.
+
+    Raises:
+      RequestError: a bad field, an unreadable image, or a prompt over the limits.
+    """
+    max_new = self.limits.max_new_tokens if max_tokens is None else int(max_tokens)
+    if not 1 <= max_new <= self.limits.max_new_tokens:
+      raise RequestError(f'max_tokens={max_new}: must be in [1, {self.limits.max_new_tokens}]',
+                         param='max_tokens')
+    if not 0.0 <= temperature <= 2.0:
+      raise RequestError(f'temperature={temperature}: must be in [0, 2]', param='temperature')
+    if not 0.0 < top_p <= 1.0:
+      raise RequestError(f'top_p={top_p}: must be in (0, 1]', param='top_p')
+    if not 1 <= n <= self.limits.max_batch:
+      raise RequestError(f'n={n}: must be in [1, {self.limits.max_batch}]', param='n')
+    record = to_record(messages, self.limits)
+    try:
+      prompt, _ = examples_lib.encode_prompt(record, self.spec)
+      images = examples_lib.load_images(record, self.spec)  # decodes every image
+    except ValueError as error:
+      raise RequestError(str(error), param='messages') from None
+    if len(prompt) > self.max_prompt_tokens:
+      raise RequestError(f'the prompt has {len(prompt)} tokens, more than '
+                         f'{self.max_prompt_tokens}', param='messages',
+                         code='context_length_exceeded')
+    greedy = temperature == 0.0
+    sampling = Sampling(temperature=float(temperature), top_p=1.0 if greedy else float(top_p),
+                        max_new_bucket=_bucket(max_new), seed=None if greedy else seed)
+    future = asyncio.get_running_loop().create_future()
+    return Job(prompt=prompt, images=images, sampling=sampling, max_new_tokens=max_new, n=n,
+               future=future, prompt_tokens=len(prompt))
+
+  def _generate_fn(self, sampling: Sampling):
+    key = (sampling.temperature, sampling.top_p, sampling.max_new_bucket)
+    if key not in self._generators:
+      settings = inference.SamplingConfig(
+          max_new_tokens=sampling.max_new_bucket, temperature=sampling.temperature,
+          top_p=sampling.top_p, stop_token_ids=_stop_ids(self.tokenizer),
+          pad_token_id=self.spec.pad_id)
+      self._generators[key] = inference.make_generate_fn(self.model, settings)
+    return self._generators[key]
+
+  def run_group(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
+    """Generates every row of `jobs` (one sampling setting) in one padded decoder call."""
+    sampling = jobs[0].sampling
+    prompts = [job.prompt for job in jobs for _ in range(job.n)]
+    images = [job.images for job in jobs for _ in range(job.n)]
+    rows = next(size for size in ROW_BUCKETS if size >= len(prompts))
+    prompt_len = _bucket(max(len(prompt) for prompt in prompts), 32)
+    input_ids, attention_mask = inference.left_pad(
+        prompts + [[]] * (rows - len(prompts)), self.spec.pad_id, prompt_len)
+    pixels = np.stack(images + [np.zeros_like(images[0])] * (rows - len(images)))
+    seed = sampling.seed if sampling.seed is not None else time.monotonic_ns()
+    out = jax.device_get(self._generate_fn(sampling)(
+        self.params, input_ids, attention_mask, pixels, jax.random.key(seed % (1 << 31))))
+    self.stats['batches'] += 1
+    self.stats['rows'] += len(prompts)
+    results, row = [], 0
+    for job in jobs:
+      choices = []
+      for _ in range(job.n):
+        tokens = out['tokens'][row, :int(out['num_tokens'][row])].tolist()[:job.max_new_tokens]
+        stopped = bool(tokens) and tokens[-1] in _stop_ids(self.tokenizer)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        choices.append({'text': text, 'completion_tokens': len(tokens),
+                        'finish_reason': 'stop' if stopped else 'length'})
+        row += 1
+      results.append(choices)
+    return results
+
+  async def submit(self, job: Job) -> list[dict[str, Any]]:
+    """Queues a job and waits for its answers (429 when the queue is full)."""
+    if self.queue is None:
+      self.queue = asyncio.Queue(maxsize=self.limits.max_queue)
+    try:
+      self.queue.put_nowait(job)
+    except asyncio.QueueFull:
+      raise RequestError('too many requests waiting; retry later', status=429,
+                         code='rate_limit_exceeded') from None
+    return await job.future
+
+  async def batch_forever(self) -> None:
+    """The batcher: collects jobs for `batch_window_ms`, then runs them group by group."""
+    if self.queue is None:
+      self.queue = asyncio.Queue(maxsize=self.limits.max_queue)
+    while True:
+      jobs = [await self.queue.get()]
+      deadline = time.monotonic() + self.limits.batch_window_ms / 1000
+      while sum(job.n for job in jobs) < self.limits.max_batch:
+        try:
+          jobs.append(await asyncio.wait_for(self.queue.get(),
+                                             max(deadline - time.monotonic(), 0)))
+        except TimeoutError:
+          break
+      for group in _groups(jobs, self.limits.max_batch):
+        try:
+          answers = await asyncio.to_thread(self.run_group, group)
+        except Exception as error:  # noqa: BLE001 (the requests fail, the server stays up)
+          for job in group:
+            if not job.future.done():
+              job.future.set_exception(error)
+          continue
+        for job, choices in zip(group, answers):
+          if not job.future.done():
+            job.future.set_result(choices)
+
+
+def _groups(jobs: list[Job], max_rows: int) -> list[list[Job]]:
+  """Jobs split into groups of one sampling setting and at most `max_rows` rows; a seeded
+  request is a group of its own."""
+  groups: list[list[Job]] = []
+  open_groups: dict[Sampling, list[Job]] = {}
+  for job in jobs:
+    group = open_groups.get(job.sampling)
+    if (job.sampling.seed is not None or group is None
+        or sum(other.n for other in group) + job.n > max_rows):
+      group = [job]
+      groups.append(group)
+      if job.sampling.seed is None:
+        open_groups[job.sampling] = group
+    else:
+      group.append(job)
+  return groups
+
+
+def _stop_ids(tokenizer) -> tuple[int, ...]:
+  return () if tokenizer.eos_token_id is None else (int(tokenizer.eos_token_id),)
+
