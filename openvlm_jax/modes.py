@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -165,6 +166,10 @@ def serve(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   from openvlm_jax.serving import api  # pylint: disable=g-import-not-at-top
   engine, name = serving_engine(config, workdir)
+  start = time.perf_counter()
+  num_shapes = engine.warm_up(config.serve.temperature)
+  say(f'compiled the decoder for {num_shapes} request shapes in '
+      f'{time.perf_counter() - start:.0f} s')
   app = api.make_app(engine, name, default_temperature=config.serve.temperature)
   say(f'serving {name} on http://{config.serve.host}:{config.serve.port}/v1 '
       '(OpenAI chat completions; Ctrl-C stops)')

@@ -200,6 +200,29 @@ class Engine:
       self._generators[key] = inference.make_generate_fn(self.model, settings)
     return self._generators[key]
 
+  def warm_up(self, temperature: float = 0.0) -> int:
+    """Compiles the decoder for every (rows, prompt length) bucket a request can reach, for
+    `temperature` and `max_new_tokens` requests, so that no request waits on a compile.
+
+    Returns:
+      The number of shapes compiled.
+    """
+    sampling = Sampling(temperature=temperature, top_p=1.0,
+                        max_new_bucket=_bucket(self.limits.max_new_tokens), seed=None)
+    generate = self._generate_fn(sampling)
+    size = self.spec.image_size
+    prompt_lens = [length for length in (32 * 2 ** i for i in range(16))
+                   if length < 2 * max(self.max_prompt_tokens, 32)]
+    row_counts = [rows for rows in ROW_BUCKETS if rows < 2 * self.limits.max_batch]
+    for rows in row_counts:
+      pixels = np.zeros((rows, self.spec.max_images, size, size, 3), np.float32)
+      for prompt_len in prompt_lens:
+        input_ids, attention_mask = inference.left_pad([[self.spec.pad_id]] * rows,
+                                                       self.spec.pad_id, prompt_len)
+        jax.block_until_ready(generate(self.params, input_ids, attention_mask, pixels,
+                                       jax.random.key(0)))
+    return len(row_counts) * len(prompt_lens)
+
   def run_group(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
     """Generates every row of `jobs` (one sampling setting) in one padded decoder call."""
     sampling = jobs[0].sampling

@@ -154,3 +154,12 @@ def test_concurrent_requests_share_decoder_calls(server):
   assert len({reply.choices[0].message.content for reply in replies}) == 1  # greedy
   assert engine.stats['rows'] - rows_before == 6
   assert engine.stats['batches'] - batches_before < 6
+
+
+def test_warm_up_compiles_every_bucket_a_request_can_reach(server):
+  _, engine, name, _, _, _, _ = server
+  # max_batch 8 -> rows 1, 2, 4, 8; prompts up to seq_len 48 -> lengths 32 and 64.
+  assert engine.warm_up() == 4 * 2
+  replies_before = engine.stats['rows']
+  assert _ask(server[0], name, server[4]).choices[0].message.content is not None
+  assert engine.stats['rows'] == replies_before + 1
