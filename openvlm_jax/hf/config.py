@@ -98,31 +98,6 @@ def _processor_image_size(preprocessor: dict | None) -> int | None:
   return None
 
 
-def _dinov2_config(config: transformers.PretrainedConfig, feature_layer: int,
-                   feature_select: str, preprocessor: dict | None) -> VisionConfig:
-  """A Dinov2Config: the position table keeps the checkpoint's grid (image_size // patch);
-  the tower reads the preprocessor's crop size (224 for DINOv2's own), or image_size."""
-  if config.use_swiglu_ffn:
-    raise UserError('a DINOv2 tower with use_swiglu_ffn (ViT-g) is not supported')
-  preprocessor = preprocessor or {}
-  return VisionConfig(
-      kind='dinov2',
-      image_size=_processor_image_size(preprocessor) or config.image_size,
-      patch_size=config.patch_size,
-      hidden_size=config.hidden_size,
-      intermediate_size=int(config.hidden_size * config.mlp_ratio),
-      num_layers=config.num_hidden_layers,
-      num_heads=config.num_attention_heads,
-      layer_norm_eps=float(config.layer_norm_eps),
-      hidden_act=config.hidden_act,
-      feature_layer=feature_layer,
-      feature_select=feature_select,
-      image_mean=tuple(float(x) for x in preprocessor.get('image_mean', IMAGENET_MEAN)),
-      image_std=tuple(float(x) for x in preprocessor.get('image_std', IMAGENET_STD)),
-      position_grid=config.image_size // config.patch_size,
-  )
-
-
 def vision_config_from_hf(
     config: HFConfig,
     *,
@@ -142,32 +117,39 @@ def vision_config_from_hf(
     config = config.vision_config
   if config.model_type not in VISION_MODEL_TYPES:
     raise UserError(f'vision model_type {config.model_type!r} is not one of {VISION_MODEL_TYPES}')
-  if config.model_type == 'dinov2':
-    return _dinov2_config(config, -2 if feature_layer is None else feature_layer,
-                          feature_select or 'default', preprocessor)
-  kind = 'clip' if config.model_type == 'clip_vision_model' else 'siglip'
+  kind = {'clip_vision_model': 'clip', 'siglip_vision_model': 'siglip'}.get(
+      config.model_type, config.model_type)
+  if kind == 'dinov2' and config.use_swiglu_ffn:
+    raise UserError('a DINOv2 tower with use_swiglu_ffn (ViT-g) is not supported')
   if feature_layer is None:
-    feature_layer = -2 if kind == 'clip' else -1
+    feature_layer = -1 if kind == 'siglip' else -2
   if feature_select is None:
-    feature_select = 'default' if kind == 'clip' else 'full'
+    feature_select = 'full' if kind == 'siglip' else 'default'
   if kind == 'siglip' and feature_select == 'default':
     raise UserError(
         "vision_feature_select_strategy='default' drops the first token, which for SigLIP (no "
         "class token) is an image patch; only 'full' is supported with SigLIP"
     )
-  if kind == 'clip':
-    mean, std = VisionConfig.image_mean, VisionConfig.image_std
-  else:
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+  mean, std = {'clip': (VisionConfig.image_mean, VisionConfig.image_std),
+               'siglip': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+               'dinov2': (IMAGENET_MEAN, IMAGENET_STD)}[kind]
   preprocessor = preprocessor or {}
   mean = tuple(float(x) for x in preprocessor.get('image_mean', mean))
   std = tuple(float(x) for x in preprocessor.get('image_std', std))
+  image_size, intermediate_size, position_grid = (
+      config.image_size, getattr(config, 'intermediate_size', None), 0)
+  if kind == 'dinov2':
+    # The position table keeps the checkpoint's grid (image_size // patch); the tower reads
+    # the preprocessor's crop size (224 for DINOv2's own), or image_size.
+    image_size = _processor_image_size(preprocessor) or config.image_size
+    intermediate_size = int(config.hidden_size * config.mlp_ratio)
+    position_grid = config.image_size // config.patch_size
   return VisionConfig(
       kind=kind,
-      image_size=config.image_size,
+      image_size=image_size,
       patch_size=config.patch_size,
       hidden_size=config.hidden_size,
-      intermediate_size=config.intermediate_size,
+      intermediate_size=intermediate_size,
       num_layers=config.num_hidden_layers,
       num_heads=config.num_attention_heads,
       layer_norm_eps=float(config.layer_norm_eps),
@@ -176,6 +158,7 @@ def vision_config_from_hf(
       feature_select=feature_select,
       image_mean=mean,
       image_std=std,
+      position_grid=position_grid,
   )
 
 

@@ -331,8 +331,8 @@ def save_processor(
 
   The image processor resizes to the tower's image size and normalises with the config's
   mean/std: CLIP-style (shortest edge + center crop; CLIP, DINOv2) or SigLIP-style (square
-  resize). The
-  processor expands each image token to exactly `vision_config.num_image_tokens` tokens.
+  resize). The processor expands each image token to exactly
+  `vision_config.num_image_tokens` tokens.
   Returns the processor.
   """
   size = vision_config.image_size

@@ -7,6 +7,7 @@ leaves the server answering. With `stream: true` the answer comes as server-sent
 OpenAI's chunk format, one chunk per choice once it is generated (not token by token).
 """
 
+import asyncio
 import contextlib
 import json
 import time
@@ -56,7 +57,6 @@ def make_app(engine: Engine, model_name: str, default_temperature: float = 0.0) 
   @contextlib.asynccontextmanager
   async def lifespan(app):
     del app
-    import asyncio  # pylint: disable=g-import-not-at-top
     batcher = asyncio.create_task(engine.batch_forever())
     yield
     batcher.cancel()

@@ -71,6 +71,11 @@ class Job:
   prompt_tokens: int = 0
 
 
+def _row_bucket(rows: int) -> int:
+  """The compiled row count that holds `rows`."""
+  return next(size for size in ROW_BUCKETS if size >= rows)
+
+
 def _bucket(value: int, smallest: int = 16) -> int:
   """The smallest power of two (from `smallest`) holding `value`."""
   size = smallest
@@ -152,7 +157,7 @@ class Engine:
     self.model, self.params, self.spec = model, params, spec
     self.tokenizer, self.limits = tokenizer, limits
     self.max_prompt_tokens = limits.max_prompt_tokens or spec.seq_len
-    self.queue: asyncio.Queue | None = None
+    self.queue = asyncio.Queue(maxsize=limits.max_queue)  # binds to a loop on first use
     self._generators: dict[tuple, Any] = {}
     self.stats = {'batches': 0, 'rows': 0}
 
@@ -212,8 +217,8 @@ class Engine:
     generate = self._generate_fn(sampling)
     size = self.spec.image_size
     prompt_lens = [length for length in (32 * 2 ** i for i in range(16))
-                   if length < 2 * max(self.max_prompt_tokens, 32)]
-    row_counts = [rows for rows in ROW_BUCKETS if rows < 2 * self.limits.max_batch]
+                   if length <= _bucket(self.max_prompt_tokens, 32)]
+    row_counts = [rows for rows in ROW_BUCKETS if rows <= _row_bucket(self.limits.max_batch)]
     for rows in row_counts:
       pixels = np.zeros((rows, self.spec.max_images, size, size, 3), np.float32)
       for prompt_len in prompt_lens:
@@ -228,7 +233,7 @@ class Engine:
     sampling = jobs[0].sampling
     prompts = [job.prompt for job in jobs for _ in range(job.n)]
     images = [job.images for job in jobs for _ in range(job.n)]
-    rows = next(size for size in ROW_BUCKETS if size >= len(prompts))
+    rows = _row_bucket(len(prompts))
     prompt_len = _bucket(max(len(prompt) for prompt in prompts), 32)
     input_ids, attention_mask = inference.left_pad(
         prompts + [[]] * (rows - len(prompts)), self.spec.pad_id, prompt_len)
@@ -253,8 +258,6 @@ class Engine:
 
   async def submit(self, job: Job) -> list[dict[str, Any]]:
     """Queues a job and waits for its answers (429 when the queue is full)."""
-    if self.queue is None:
-      self.queue = asyncio.Queue(maxsize=self.limits.max_queue)
     try:
       self.queue.put_nowait(job)
     except asyncio.QueueFull:
@@ -264,8 +267,6 @@ class Engine:
 
   async def batch_forever(self) -> None:
     """The batcher: collects jobs for `batch_window_ms`, then runs them group by group."""
-    if self.queue is None:
-      self.queue = asyncio.Queue(maxsize=self.limits.max_queue)
     while True:
       jobs = [await self.queue.get()]
       deadline = time.monotonic() + self.limits.batch_window_ms / 1000
