@@ -8,7 +8,7 @@ sends digit-image questions back to back; every request is either answered or re
 status, and the counts are reported (nothing may be dropped). Settings alternate per client
 count so that both meet the machine in the same state. Bounded: `--requests` per point.
 
-  python benchmarks/serve.py --out=benchmarks/results/serve.json
+  python benchmarks/serve.py --requests=192 --out=benchmarks/results/serve.json
 """
 
 import argparse
@@ -114,7 +114,7 @@ def main():
   for label, (max_batch, window_ms) in settings.items():
     config.serve.max_batch, config.serve.batch_window_ms = max_batch, window_ms
     engine, name = modes.serving_engine(config, workdir)
-    engine.warm_up()  # as --mode=serve does: every (rows, prompt length) bucket compiled
+    engine.warm_up(streams=(False,))  # as --mode=serve does (these requests are not streamed)
     client, stop = _serve(engine, name)
     servers[label] = (client, name, stop, engine)
 

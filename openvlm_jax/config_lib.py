@@ -175,7 +175,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
 
   # --mode=serve: an OpenAI-compatible API on host:port (serving/): limits and batching.
   config.serve = ml_collections.ConfigDict(dict(
-      host='127.0.0.1', port=8000, model_name='',  # '': the workdir's folder name
+      host='127.0.0.1', port=8000, model_name='',  # '': the workdir's (or folder's) name
+      folder='',  # '': the latest checkpoint; else a Hugging Face LLaVA folder (--mode=export)
       temperature=0.0,  # when a request gives none: numbers are not sampled unless asked
       max_new_tokens=64, max_prompt_tokens=0,  # 0: data.seq_len
       max_image_bytes=8 << 20, image_root='',  # local image paths only below it; '': none

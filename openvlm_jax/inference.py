@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from openvlm_jax.models import layers
 from openvlm_jax.models.llm import init_cache, positions_from_mask
@@ -65,8 +66,13 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def make_generate_fn(model: VLM, sampling: SamplingConfig) -> Callable:
+def make_generate_fn(model: VLM, sampling: SamplingConfig,
+                     on_step: Callable[..., None] | None = None) -> Callable:
   """Returns jitted generate(params, input_ids, attention_mask, images=None, rng=None).
+
+  `on_step(step, tokens, live)`, when given, is called on the host at every decoding step, in
+  order, with the step's tokens int32 [batch] and bool [batch] rows still generating (an
+  `io_callback`, so a server can stream answers as they are decoded).
 
   Args of the returned function:
     params: the VLM's parameters ({'vision', 'projector', 'llm'}).
@@ -113,6 +119,8 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig) -> Callable:
     def decode_one(carry):
       step, token, position, cache, cache_mask, done, tokens, num_tokens, rng = carry
       tokens = tokens.at[:, step].set(jnp.where(done, sampling.pad_token_id, token))
+      if on_step is not None:
+        io_callback(on_step, None, step, token, ~done, ordered=True)
       num_tokens = num_tokens + (~done).astype(jnp.int32)
       done = done | jnp.isin(token, stop_ids)
       slot = prompt_len + step

@@ -143,21 +143,44 @@ def export(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def serving_engine(config: ml_collections.ConfigDict, workdir: str):
-  """(the engine over the latest checkpoint's params, the model's name) for `serve`."""
+  """(the engine over the params to serve, the model's name) for `serve`.
+
+  The params are the workdir's latest checkpoint, or with `config.serve.folder` a Hugging
+  Face LLaVA folder (such as `--mode=export` writes) with its own tokenizer.
+  """
   from openvlm_jax.serving import engine as engine_lib  # pylint: disable=g-import-not-at-top
-  checkpoint.require_step(workdir)
-  run = setup.make_run(config, workdir, build_demo=False)
-  params, step = restore_params(run)
   section = config.serve
+  if section.folder:
+    run = setup.make_run(folder_config(config, section.folder), workdir, build_demo=False,
+                         with_data=False)
+    params = setup.pretrained_params(run, setup.state_layout(run).shardings.params)
+    source, name = section.folder, os.path.basename(os.path.abspath(section.folder))
+  else:
+    checkpoint.require_step(workdir)
+    run = setup.make_run(config, workdir, build_demo=False, with_data=False)
+    params, step = restore_params(run)
+    source, name = f'step {step} of {workdir}', os.path.basename(os.path.abspath(workdir))
   limits = engine_lib.Limits(
       max_new_tokens=section.max_new_tokens, max_prompt_tokens=section.max_prompt_tokens,
       max_image_bytes=section.max_image_bytes, image_root=section.image_root,
       max_batch=section.max_batch, batch_window_ms=section.batch_window_ms,
       max_queue=section.max_queue)
   engine = engine_lib.Engine(run.model, params, setup.example_spec(run), run.tokenizer, limits)
-  name = section.model_name or os.path.basename(os.path.abspath(workdir))
-  logging.info('serving step %d of %s as %s', step, workdir, name)
+  name = section.model_name or name
+  logging.info('serving %s as %s', source, name)
   return engine, name
+
+
+def folder_config(config: ml_collections.ConfigDict, folder: str) -> ml_collections.ConfigDict:
+  """`config` set to load a Hugging Face LLaVA folder's architecture, weights and tokenizer."""
+  if not os.path.isfile(os.path.join(folder, 'config.json')):
+    raise UserError(f'config.serve.folder={folder}: not a Hugging Face folder (no config.json)')
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.init_from, config.tokenizer = folder, ''
+    config.model.llm_from = config.model.vision_from = ''
+    config.lora.rank = 0
+  return config
 
 
 def serve(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -1,6 +1,9 @@
-"""`--mode=eval` and `--mode=export` on a tiny run trained from scratch, and their errors."""
+"""`--mode=eval`, `--mode=export` and the serving engine on a tiny run trained from scratch,
+and their errors."""
 
+import base64
 import json
+import os
 
 import jax
 import numpy as np
@@ -139,3 +142,28 @@ def test_eval_without_a_checkpoint_says_so(trained, tmp_path):
   with pytest.raises(UserError, match=f'no checkpoint in {tmp_path / "empty"}'):
     modes.eval(config, str(tmp_path / 'empty'))
   assert not (tmp_path / 'empty').exists()  # nothing was built there
+
+
+def test_serve_answers_from_an_exported_folder_as_from_its_checkpoint(trained, tmp_path):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.export.dir = str(tmp_path / 'hf')
+  modes.export(config, workdir)
+  with open(config.data.eval_files[0]) as f:
+    record = json.loads(f.readline())
+  image = os.path.join(os.path.dirname(config.data.eval_files[0]), record['image'])
+  with open(image, 'rb') as f:
+    url = 'data:image/png;base64,' + base64.b64encode(f.read()).decode()
+  messages = [{'role': 'user', 'content': [{'type': 'image_url', 'image_url': {'url': url}},
+                                           {'type': 'text', 'text': 'What number is shown?'}]}]
+  engines = [modes.serving_engine(config, workdir)]
+  config.serve.folder = config.export.dir
+  engines.append(modes.serving_engine(config, str(tmp_path / 'served')))  # no checkpoint there
+  assert [name for _, name in engines] == ['workdir', 'hf']
+  answers = [engine.run_group([engine.prepare(messages, max_tokens=6, temperature=0.0,
+                                              top_p=1.0, n=1, seed=None)])[0][0]
+             for engine, _ in engines]
+  assert answers[0] == answers[1] and answers[0]['completion_tokens'] >= 1
+  config.serve.folder = str(tmp_path)  # no config.json
+  with pytest.raises(UserError, match='not a Hugging Face folder'):
+    modes.serving_engine(config, workdir)

@@ -26,11 +26,19 @@ SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 # reply ends with the eos token, which the loss mask keeps so the model learns to stop. Role
 # headers end in a newline, not a space: byte-level BPE glues a space to the next word
 # ("ĠThe"), so a prompt ending in a space would tokenize differently in training (reply
-# attached) and generation (prompt alone); a newline is always its own pre-token.
+# attached) and generation (prompt alone); a newline is always its own pre-token. Content is
+# a string, or typed parts as transformers' processors write them ({"type": "image"} renders
+# as "<image>\n", like the placeholder in a string), so an exported folder's processor
+# takes either.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ message['role'] }}:{{ '\\n' }}{{ message['content'] }}"
+    "{{ message['role'] }}:{{ '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{{ '\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{{ '\\n' }}"
     "{% endfor %}"

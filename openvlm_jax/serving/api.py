@@ -4,7 +4,8 @@ Requests take OpenAI's fields (`messages` with text and `image_url` parts, `max_
 `max_completion_tokens`, `temperature`, `top_p`, `stop`, `n`, `seed`, `stream`). Every refusal
 is a 4xx JSON body in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and
 leaves the server answering. With `stream: true` the answer comes as server-sent events in
-OpenAI's chunk format, one chunk per choice once it is generated (not token by token).
+OpenAI's chunk format while it is decoded: a role chunk per choice, then content deltas as
+the text settles, a closing chunk per choice with its finish reason, and `[DONE]`.
 """
 
 import asyncio
@@ -45,12 +46,6 @@ def _error(status: int, message: str, param: str | None = None,
       'error': {'message': message, 'type': kind, 'param': param, 'code': code}})
 
 
-def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-  """The text before the first stop string, and whether one was found."""
-  cuts = [text.index(stop) for stop in stops if stop and stop in text]
-  return (text[:min(cuts)], True) if cuts else (text, False)
-
-
 def make_app(engine: Engine, model_name: str, default_temperature: float = 0.0) -> fastapi.FastAPI:
   """The FastAPI app serving `engine` as model `model_name`."""
 
@@ -87,37 +82,58 @@ def make_app(engine: Engine, model_name: str, default_temperature: float = 0.0) 
                     f'{model_name!r}', 'model', 'model_not_found')
     temperature = default_temperature if body.temperature is None else body.temperature
     job = engine.prepare(body.messages, max_tokens=body.max_completion_tokens or body.max_tokens,
-                         temperature=temperature, top_p=body.top_p, n=body.n, seed=body.seed)
+                         temperature=temperature, top_p=body.top_p, n=body.n, seed=body.seed,
+                         stop=body.stop, stream=body.stream)
+    head = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()),
+            'model': model_name}
+    if body.stream:
+      return responses.StreamingResponse(_events(engine, job, head),
+                                         media_type='text/event-stream')
     answers = await engine.submit(job)
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    choices = []
-    for index, answer in enumerate(answers):
-      text, stopped = _cut_at_stop(answer['text'], stops)
-      choices.append({'index': index, 'message': {'role': 'assistant', 'content': text},
-                      'finish_reason': 'stop' if stopped else answer['finish_reason']})
-    completion_tokens = sum(answer['completion_tokens'] for answer in answers)
-    reply = {
-        'id': f'chatcmpl-{uuid.uuid4().hex}', 'object': 'chat.completion',
-        'created': int(time.time()), 'model': model_name, 'choices': choices,
-        'usage': {'prompt_tokens': job.prompt_tokens, 'completion_tokens': completion_tokens,
-                  'total_tokens': job.prompt_tokens + completion_tokens}}
-    if not body.stream:
-      return reply
-    return responses.StreamingResponse(_events(reply), media_type='text/event-stream')
+    choices = [{'index': index, 'message': {'role': 'assistant', 'content': answer['text']},
+                'finish_reason': answer['finish_reason']}
+               for index, answer in enumerate(answers)]
+    return {**head, 'object': 'chat.completion', 'choices': choices,
+            'usage': _usage(job, answers)}
 
   return app
 
 
-def _events(reply: dict[str, Any]):
-  """A finished completion as OpenAI's `chat.completion.chunk` server-sent events."""
-  def chunk(choice_index: int, delta: dict, finish_reason: str | None) -> str:
-    body = {'id': reply['id'], 'object': 'chat.completion.chunk', 'created': reply['created'],
-            'model': reply['model'],
-            'choices': [{'index': choice_index, 'delta': delta, 'finish_reason': finish_reason}]}
+def _usage(job, answers) -> dict[str, int]:
+  completion_tokens = sum(answer['completion_tokens'] for answer in answers)
+  return {'prompt_tokens': job.prompt_tokens, 'completion_tokens': completion_tokens,
+          'total_tokens': job.prompt_tokens + completion_tokens}
+
+
+def _events(engine: Engine, job, head: dict[str, Any]):
+  """A streamed completion as OpenAI's `chat.completion.chunk` server-sent events.
+
+  The job is queued before the response starts (so a full queue is still a 429); the
+  engine's decoder thread hands text deltas to this request's queue, which ends (None) once
+  the job's future is settled, with answers or an error.
+  """
+  loop = asyncio.get_running_loop()
+  deltas: asyncio.Queue = asyncio.Queue()
+  job.on_delta = lambda choice, text: loop.call_soon_threadsafe(deltas.put_nowait,
+                                                                (choice, text))
+  answers = engine.enqueue(job)
+  answers.add_done_callback(lambda _: deltas.put_nowait(None))
+
+  def chunk(choice: int, delta: dict, finish_reason: str | None = None) -> str:
+    body = {**head, 'object': 'chat.completion.chunk',
+            'choices': [{'index': choice, 'delta': delta, 'finish_reason': finish_reason}]}
     return f'data: {json.dumps(body)}\n\n'
 
-  for choice in reply['choices']:
-    yield chunk(choice['index'], {'role': 'assistant', 'content': ''}, None)
-    yield chunk(choice['index'], {'content': choice['message']['content']}, None)
-    yield chunk(choice['index'], {}, choice['finish_reason'])
-  yield 'data: [DONE]\n\n'
+  async def events():
+    for choice in range(job.n):
+      yield chunk(choice, {'role': 'assistant', 'content': ''})
+    while (item := await deltas.get()) is not None:
+      yield chunk(item[0], {'content': item[1]})
+    if answers.exception() is not None:  # the decoder failed after the stream began
+      yield f'data: {json.dumps({"error": {"message": str(answers.exception())}})}\n\n'
+      return
+    for choice, answer in enumerate(answers.result()):
+      yield chunk(choice, {}, answer['finish_reason'])
+    yield 'data: [DONE]\n\n'
+
+  return events()

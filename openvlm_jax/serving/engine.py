@@ -6,6 +6,13 @@ one compiled decoder (same sampling settings and max-token bucket; a request wit
 gets its own batch so its samples depend on the seed alone), pads each group to a bucketed
 (rows, prompt length) shape and runs it in a worker thread. Shapes come from small sets
 (`ROW_BUCKETS`, powers of two for prompts and new tokens), so requests do not recompile.
+The window is only waited for while requests come together: when the last batch held one
+request, the next one starts at once.
+
+A streamed request's decoder reports each step's tokens to the host (`on_step` of
+`inference.make_generate_fn`), and the job's `on_delta(choice, text)` receives the new text
+of each choice as it grows; text that may still change (an incomplete character, trailing
+whitespace, the possible start of a stop string) is held back until it is settled.
 """
 
 import asyncio
@@ -14,7 +21,7 @@ import binascii
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -24,6 +31,7 @@ from openvlm_jax import inference
 from openvlm_jax.data import examples as examples_lib
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 
 
 class RequestError(ValueError):
@@ -56,9 +64,10 @@ class Sampling:
   top_p: float
   max_new_bucket: int
   seed: int | None
+  stream: bool = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a job is itself: compared by identity
 class Job:
   """One request: its prompt, images, rows to generate and where the answers go."""
 
@@ -67,8 +76,10 @@ class Job:
   sampling: Sampling
   max_new_tokens: int
   n: int
-  future: asyncio.Future
   prompt_tokens: int = 0
+  stops: tuple[str, ...] = ()
+  future: asyncio.Future | None = None  # set by `submit`
+  on_delta: Callable[[int, str], None] | None = None  # streamed: (choice, new text)
 
 
 def _row_bucket(rows: int) -> int:
@@ -159,11 +170,13 @@ class Engine:
     self.max_prompt_tokens = limits.max_prompt_tokens or spec.seq_len
     self.queue = asyncio.Queue(maxsize=limits.max_queue)  # binds to a loop on first use
     self._generators: dict[tuple, Any] = {}
+    self._listener: Callable[[int, np.ndarray, np.ndarray], None] | None = None
     self.stats = {'batches': 0, 'rows': 0}
 
   def prepare(self, messages, *, max_tokens: int | None, temperature: float, top_p: float,
-              n: int, seed: int | None) -> Job:
-    """Validates a request and encodes it; the Job's future is set by `run`.
+              n: int, seed: int | None, stop: str | Sequence[str] | None = None,
+              stream: bool = False) -> Job:
+    """Validates a request and encodes it into a Job for `submit` or `run_group`.
 
     Raises:
       RequestError: a bad field, an unreadable image, or a prompt over the limits.
@@ -178,6 +191,9 @@ class Engine:
       raise RequestError(f'top_p={top_p}: must be in (0, 1]', param='top_p')
     if not 1 <= n <= self.limits.max_batch:
       raise RequestError(f'n={n}: must be in [1, {self.limits.max_batch}]', param='n')
+    stops = tuple(s for s in ([stop] if isinstance(stop, str) else list(stop or ())) if s)
+    if len(stops) > MAX_STOPS:
+      raise RequestError(f'stop has {len(stops)} strings; at most {MAX_STOPS}', param='stop')
     record = to_record(messages, self.limits)
     try:
       prompt, _ = examples_lib.encode_prompt(record, self.spec)
@@ -190,92 +206,127 @@ class Engine:
                          code='context_length_exceeded')
     greedy = temperature == 0.0
     sampling = Sampling(temperature=float(temperature), top_p=1.0 if greedy else float(top_p),
-                        max_new_bucket=_bucket(max_new), seed=None if greedy else seed)
-    future = asyncio.get_running_loop().create_future()
+                        max_new_bucket=_bucket(max_new), seed=None if greedy else seed,
+                        stream=bool(stream))
     return Job(prompt=prompt, images=images, sampling=sampling, max_new_tokens=max_new, n=n,
-               future=future, prompt_tokens=len(prompt))
+               prompt_tokens=len(prompt), stops=stops)
 
   def _generate_fn(self, sampling: Sampling):
-    key = (sampling.temperature, sampling.top_p, sampling.max_new_bucket)
+    key = (sampling.temperature, sampling.top_p, sampling.max_new_bucket, sampling.stream)
     if key not in self._generators:
       settings = inference.SamplingConfig(
           max_new_tokens=sampling.max_new_bucket, temperature=sampling.temperature,
           top_p=sampling.top_p, stop_token_ids=_stop_ids(self.tokenizer),
           pad_token_id=self.spec.pad_id)
-      self._generators[key] = inference.make_generate_fn(self.model, settings)
+      self._generators[key] = inference.make_generate_fn(
+          self.model, settings, on_step=self._on_step if sampling.stream else None)
     return self._generators[key]
 
-  def warm_up(self, temperature: float = 0.0) -> int:
+  def _on_step(self, step, tokens, live) -> None:
+    """The streamed decoders' host callback: hands one step's tokens to the running group."""
+    if self._listener is not None:
+      self._listener(int(step), np.asarray(tokens), np.asarray(live))
+
+  def warm_up(self, temperature: float = 0.0, streams: Sequence[bool] = (False, True)) -> int:
     """Compiles the decoder for every (rows, prompt length) bucket a request can reach, for
-    `temperature` and `max_new_tokens` requests, so that no request waits on a compile.
+    `temperature` and `max_new_tokens` requests, whole and streamed (`streams`), so that no
+    request waits on a compile.
 
     Returns:
       The number of shapes compiled.
     """
-    sampling = Sampling(temperature=temperature, top_p=1.0,
-                        max_new_bucket=_bucket(self.limits.max_new_tokens), seed=None)
-    generate = self._generate_fn(sampling)
     size = self.spec.image_size
     prompt_lens = [length for length in (32 * 2 ** i for i in range(16))
                    if length <= _bucket(self.max_prompt_tokens, 32)]
     row_counts = [rows for rows in ROW_BUCKETS if rows <= _row_bucket(self.limits.max_batch)]
-    for rows in row_counts:
-      pixels = np.zeros((rows, self.spec.max_images, size, size, 3), np.float32)
-      for prompt_len in prompt_lens:
-        input_ids, attention_mask = inference.left_pad([[self.spec.pad_id]] * rows,
-                                                       self.spec.pad_id, prompt_len)
-        jax.block_until_ready(generate(self.params, input_ids, attention_mask, pixels,
-                                       jax.random.key(0)))
-    return len(row_counts) * len(prompt_lens)
+    for stream in streams:
+      generate = self._generate_fn(Sampling(
+          temperature=temperature, top_p=1.0, max_new_bucket=_bucket(self.limits.max_new_tokens),
+          seed=None, stream=stream))
+      for rows in row_counts:
+        pixels = np.zeros((rows, self.spec.max_images, size, size, 3), np.float32)
+        for prompt_len in prompt_lens:
+          input_ids, attention_mask = inference.left_pad([[self.spec.pad_id]] * rows,
+                                                         self.spec.pad_id, prompt_len)
+          jax.block_until_ready(generate(self.params, input_ids, attention_mask, pixels,
+                                         jax.random.key(0)))
+    return len(streams) * len(row_counts) * len(prompt_lens)
 
   def run_group(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
-    """Generates every row of `jobs` (one sampling setting) in one padded decoder call."""
+    """Generates every row of `jobs` (one sampling setting) in one padded decoder call.
+
+    Returns, per job, one `{'text', 'completion_tokens', 'finish_reason'}` per choice; the
+    text is cut before the first of the job's stop strings.
+    """
     sampling = jobs[0].sampling
-    prompts = [job.prompt for job in jobs for _ in range(job.n)]
-    images = [job.images for job in jobs for _ in range(job.n)]
+    owners = [(job, choice) for job in jobs for choice in range(job.n)]  # row -> (job, choice)
+    prompts = [job.prompt for job, _ in owners]
+    images = [job.images for job, _ in owners]
     rows = _row_bucket(len(prompts))
     prompt_len = _bucket(max(len(prompt) for prompt in prompts), 32)
     input_ids, attention_mask = inference.left_pad(
         prompts + [[]] * (rows - len(prompts)), self.spec.pad_id, prompt_len)
     pixels = np.stack(images + [np.zeros_like(images[0])] * (rows - len(images)))
     seed = sampling.seed if sampling.seed is not None else time.monotonic_ns()
-    out = jax.device_get(self._generate_fn(sampling)(
-        self.params, input_ids, attention_mask, pixels, jax.random.key(seed % (1 << 31))))
+    streams = [_Stream(job, choice, self.tokenizer) for job, choice in owners]
+    if sampling.stream:
+      self._listener = lambda step, tokens, live: [
+          stream.add(int(token)) for stream, token, alive in zip(streams, tokens, live)
+          if alive]
+    try:
+      out = jax.device_get(self._generate_fn(sampling)(
+          self.params, input_ids, attention_mask, pixels, jax.random.key(seed % (1 << 31))))
+    finally:
+      self._listener = None
     self.stats['batches'] += 1
     self.stats['rows'] += len(prompts)
-    results, row = [], 0
-    for job in jobs:
-      choices = []
-      for _ in range(job.n):
-        tokens = out['tokens'][row, :int(out['num_tokens'][row])].tolist()[:job.max_new_tokens]
-        stopped = bool(tokens) and tokens[-1] in _stop_ids(self.tokenizer)
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        choices.append({'text': text, 'completion_tokens': len(tokens),
-                        'finish_reason': 'stop' if stopped else 'length'})
-        row += 1
-      results.append(choices)
-    return results
+    results = {id(job): [] for job in jobs}
+    for row, (stream, (job, _)) in enumerate(zip(streams, owners)):
+      tokens = out['tokens'][row, :int(out['num_tokens'][row])].tolist()[:job.max_new_tokens]
+      results[id(job)].append(stream.finish(tokens))
+    return [results[id(job)] for job in jobs]
 
-  async def submit(self, job: Job) -> list[dict[str, Any]]:
-    """Queues a job and waits for its answers (429 when the queue is full)."""
+  def enqueue(self, job: Job) -> asyncio.Future:
+    """Queues a job (in the event loop's thread); returns the future of its answers.
+
+    Raises:
+      RequestError: 429 when `max_queue` jobs are waiting already.
+    """
+    job.future = job.future or asyncio.get_running_loop().create_future()
     try:
       self.queue.put_nowait(job)
     except asyncio.QueueFull:
       raise RequestError('too many requests waiting; retry later', status=429,
                          code='rate_limit_exceeded') from None
-    return await job.future
+    return job.future
+
+  async def submit(self, job: Job) -> list[dict[str, Any]]:
+    """Queues a job and waits for its answers (429 when the queue is full)."""
+    return await self.enqueue(job)
 
   async def batch_forever(self) -> None:
-    """The batcher: collects jobs for `batch_window_ms`, then runs them group by group."""
+    """The batcher: collects jobs for `batch_window_ms`, then runs them group by group.
+
+    After a batch of one request the window is skipped (only the jobs already waiting join),
+    so a lone client does not wait for company that is not coming.
+    """
+    together = False  # whether the last batch held more than one request
     while True:
       jobs = [await self.queue.get()]
-      deadline = time.monotonic() + self.limits.batch_window_ms / 1000
+      window = self.limits.batch_window_ms / 1000 if together else 0.0
+      deadline = time.monotonic() + window
       while sum(job.n for job in jobs) < self.limits.max_batch:
+        if not self.queue.empty():
+          jobs.append(self.queue.get_nowait())
+          continue
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+          break
         try:
-          jobs.append(await asyncio.wait_for(self.queue.get(),
-                                             max(deadline - time.monotonic(), 0)))
+          jobs.append(await asyncio.wait_for(self.queue.get(), remaining))
         except TimeoutError:
           break
+      together = len(jobs) > 1
       for group in _groups(jobs, self.limits.max_batch):
         try:
           answers = await asyncio.to_thread(self.run_group, group)
@@ -305,6 +356,63 @@ def _groups(jobs: list[Job], max_rows: int) -> list[list[Job]]:
     else:
       group.append(job)
   return groups
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+  """The text before the first stop string, and whether one was found."""
+  cuts = [text.index(stop) for stop in stops if stop and stop in text]
+  return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def settled_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+  """The part of a still-growing answer that later tokens cannot change, and whether a stop
+  string ended it: cut at a stop string, else without an incomplete character, trailing
+  whitespace or a tail that may begin a stop string."""
+  text, stopped = cut_at_stop(text.lstrip(), stops)
+  if stopped:
+    return text.rstrip(), True
+  text = text.rstrip('\ufffd').rstrip()
+  for stop in stops:
+    for length in range(min(len(stop) - 1, len(text)), 0, -1):
+      if text.endswith(stop[:length]):
+        text = text[:-length].rstrip()
+        break
+  return text, False
+
+
+class _Stream:
+  """One choice's tokens as they come, and the text already handed to its job's `on_delta`."""
+
+  def __init__(self, job: Job, choice: int, tokenizer: Any):
+    self.job, self.choice, self.tokenizer = job, choice, tokenizer
+    self.tokens: list[int] = []
+    self.sent = ''
+    self.stopped = False
+
+  def _send(self, text: str) -> None:
+    if self.job.on_delta is not None and text.startswith(self.sent) and len(text) > len(
+        self.sent):
+      self.job.on_delta(self.choice, text[len(self.sent):])
+      self.sent = text
+
+  def add(self, token: int) -> None:
+    """A newly generated token (streamed decoders, per step)."""
+    if self.stopped or len(self.tokens) >= self.job.max_new_tokens:
+      return
+    self.tokens.append(token)
+    text, self.stopped = settled_text(
+        self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.job.stops)
+    self._send(text)
+
+  def finish(self, tokens: list[int]) -> dict[str, Any]:
+    """The choice's answer from all its `tokens`; the rest of the text goes to `on_delta`."""
+    ended = bool(tokens) and tokens[-1] in _stop_ids(self.tokenizer)
+    text, stopped = cut_at_stop(
+        self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), self.job.stops)
+    text = text.rstrip()
+    self._send(text)
+    return {'text': text, 'completion_tokens': len(tokens),
+            'finish_reason': 'stop' if ended or stopped else 'length'}
 
 
 def _stop_ids(tokenizer) -> tuple[int, ...]:

@@ -101,6 +101,9 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str,
     return tokenizer_lib.load_tokenizer(run_folder)
   folder = run_folder
   if not os.path.exists(os.path.join(folder, 'tokenizer.json')):
+    if not train_files:
+      raise UserError(f'no tokenizer in {folder} and no data to train one on; pass '
+                      '--config.tokenizer=<folder>')
     logging.info('Training a tokenizer on %s into %s', train_files, folder)
     tokenizer_lib.train_tokenizer(digits.tokenizer_corpus(train_files), folder)
   return tokenizer_lib.load_tokenizer(folder)
@@ -182,22 +185,25 @@ def with_tower_image_size(vlm_config: VLMConfig, image_size: int) -> VLMConfig:
                              vision=dataclasses.replace(vision, image_size=image_size))
 
 
-def make_run(config: ml_collections.ConfigDict, workdir: str, build_demo: bool = True) -> Run:
+def make_run(config: ml_collections.ConfigDict, workdir: str, build_demo: bool = True,
+             with_data: bool = True) -> Run:
   """Starts the multi-host runtime, builds the mesh, and resolves files, tokenizer and model.
 
   `build_demo` False (eval, predict, export) reads the demo data and tokenizer a training
-  run left in the workdir instead of building them.
+  run left in the workdir instead of building them. `with_data` False (serving) looks for no
+  data files at all: the tokenizer must be configured or in the workdir already.
   """
   parallel.initialize_distributed()
   config = with_packaged_folders(config)
   mesh = parallel.make_mesh(config.mesh)
   check_batch_fits_mesh(config, mesh)
+  files_of = lambda: data_files(config, workdir, build_demo) if with_data else ((), ())
   # Process 0 builds the demo data and tokenizer (once per workdir); the others then load them.
   if jax.process_index() == 0:
-    load_or_train_tokenizer(config, workdir, data_files(config, workdir, build_demo)[0])
+    load_or_train_tokenizer(config, workdir, files_of()[0])
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('openvlm_jax: data and tokenizer ready')
-  train_files, eval_files = data_files(config, workdir, build_demo)
+  train_files, eval_files = files_of()
   tokenizer = load_or_train_tokenizer(config, workdir, train_files)
   vlm_config = model_config(config, tokenizer)
   check_sequence_fits_images(config, vlm_config)

@@ -99,6 +99,20 @@ def test_streaming_gives_the_same_answer_as_events(server):
   assert chunks[-1].choices[0].finish_reason in ('stop', 'length')
 
 
+def test_sampled_streams_come_in_pieces_that_add_up_to_each_choice(server):
+  client, _, name, _, data_uri, _, _ = server
+  fields = {'n': 2, 'temperature': 1.5, 'seed': 11, 'max_tokens': 8}
+  whole = [choice.message.content for choice in _ask(client, name, data_uri, **fields).choices]
+  pieces = {0: [], 1: []}
+  for chunk in _ask(client, name, data_uri, stream=True, **fields):
+    for choice in chunk.choices:
+      if choice.delta.content:
+        pieces[choice.index].append(choice.delta.content)
+  assert [''.join(pieces[index]) for index in (0, 1)] == whole
+  # Decoded step by step: an answer of several settled pieces arrives in several chunks.
+  assert max(len(chunks) for chunks in pieces.values()) > 1, pieces
+
+
 def test_n_samples_and_a_seed_repeats_them(server):
   client, _, name, _, data_uri, _, _ = server
   first = _ask(client, name, data_uri, n=3, temperature=1.5, seed=7, max_tokens=6)
@@ -159,7 +173,7 @@ def test_concurrent_requests_share_decoder_calls(server):
 def test_warm_up_compiles_every_bucket_a_request_can_reach(server):
   _, engine, name, _, _, _, _ = server
   # max_batch 8 -> rows 1, 2, 4, 8; prompts up to seq_len 48 -> lengths 32 and 64.
-  assert engine.warm_up() == 4 * 2
+  assert engine.warm_up(streams=(False,)) == 4 * 2  # modes.serve also warms streamed ones
   replies_before = engine.stats['rows']
   assert _ask(server[0], name, server[4]).choices[0].message.content is not None
   assert engine.stats['rows'] == replies_before + 1
