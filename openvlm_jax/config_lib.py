@@ -112,6 +112,10 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # Decode every image fully when validating (catches truncated files up front); False for
   # very large sets, where a late decode failure is then dropped and logged once.
   config.data.decode_images = True
+  # Packing (data.pipeline.pack_examples): several training examples per row, up to seq_len
+  # tokens and pack_max_images images (0: as many as seq_len can hold); eval is unpacked.
+  config.data.packing = False
+  config.data.pack_max_images = 0
   # The embedded dataset: 'read' | 'sum' (digits, data/digits.py) | 'charts' (data/charts.py).
   config.data.demo_task = 'read'
   config.data.demo_train_repeats = 1  # digits: training records led by each training digit
@@ -321,6 +325,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _require(data.seq_len >= 2, 'data.seq_len', data.seq_len, 'must be >= 2')
   _require(data.max_images >= 0, 'data.max_images', data.max_images, 'must be >= 0')
   _require(data.worker_count >= 0, 'data.worker_count', data.worker_count, 'must be >= 0')
+  _require(data.pack_max_images == 0 or data.pack_max_images >= data.max_images,
+           'data.pack_max_images', data.pack_max_images,
+           f'must be 0 (as many as fit) or >= data.max_images={data.max_images}')
   _require(data.on_bad_record in ('skip', 'raise'), 'data.on_bad_record', data.on_bad_record,
            "must be 'skip' or 'raise'")
   _require(config.optimizer.lr > 0, 'optimizer.lr', config.optimizer.lr, 'must be > 0')

@@ -1,10 +1,11 @@
 """Flash attention in Pallas: forward and backward (FlashAttention-2), float32 online softmax.
 
 Layout [batch, seq, heads, head_dim], the one `openvlm_jax/models/attention.py` uses. Masks:
-causal; a bidirectional prefix per example (positions < prefix_len attend to each other both
-ways, the rest causally: the PaliGemma kind); segment ids for packed sequences; per-example kv
-lengths; none at all (a ViT). Grouped-query attention indexes kv head `q_head // group` in the
-BlockSpec index map, so K/V are never repeated.
+causal; a bidirectional prefix, given per query as `prefix_end` (query i also sees every key
+j < prefix_end[i], so the prefix of each packed example attends both ways within itself: the
+PaliGemma kind), or per example as `prefix_len`; segment ids for packed sequences;
+per-example kv lengths; none at all (a ViT). Grouped-query attention indexes kv head
+`q_head // group` in the BlockSpec index map, so K/V are never repeated.
 
 Each program owns one block of queries (forward, dq) or one block of keys (dk/dv) and loops over
 the other side inside the kernel, so no state is carried across grid steps: the same kernels
@@ -95,12 +96,12 @@ def _compiler_params(static):
   return None
 
 
-def _block_mask(static, q_start, kv_start, q_seg, kv_seg, prefix_len):
+def _block_mask(static, q_start, kv_start, q_seg, kv_seg, q_prefix):
   """[block_q, block_k] bool of allowed (query, key) pairs, or None when all are allowed.
 
-  q_seg is a column [block_q, 1], kv_seg a row [1, block_k], prefix_len [1, 1]: 2-D
-  throughout, which is what Mosaic lays out well, and no array longer than a block (Triton
-  wants power-of-two sizes).
+  q_seg and q_prefix (each query's prefix end) are columns [block_q, 1], kv_seg a row
+  [1, block_k]: 2-D throughout, which is what Mosaic lays out well, and no array longer than
+  a block (Triton wants power-of-two sizes).
   """
   shape = (static.block_q, static.block_k)
   q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
@@ -109,7 +110,7 @@ def _block_mask(static, q_start, kv_start, q_seg, kv_seg, prefix_len):
   if static.causal:
     mask = kv_pos <= q_pos
     if static.use_prefix:
-      mask = mask | ((q_pos < prefix_len) & (kv_pos < prefix_len))
+      mask = mask | (kv_pos < q_prefix)
   if static.use_segments:
     same = q_seg == kv_seg
     mask = same if mask is None else mask & same
@@ -143,26 +144,26 @@ def _split_mask_refs(static, refs):
   return (q_seg, kv_seg, prefix), refs
 
 
-def _kv_block_range(static, q_start, prefix_len, num_kv_blocks):
-  """[lo, hi) of the key blocks a query block can see."""
+def _kv_block_range(static, q_start, q_prefix, num_kv_blocks):
+  """[lo, hi) of the key blocks a query block (prefix ends q_prefix [block_q, 1]) can see."""
   if not static.causal:
     return 0, num_kv_blocks
   # lax.div, not //: the values are non-negative, and floor division of signed integers
   # needs chip information in Mosaic's lowering.
   hi = jnp.minimum(lax.div(q_start + static.block_q - 1, static.block_k) + 1, num_kv_blocks)
   if static.use_prefix:
-    prefix_end = lax.div(jnp.sum(prefix_len) + static.block_k - 1, static.block_k)
+    prefix_end = lax.div(jnp.max(q_prefix) + static.block_k - 1, static.block_k)
     hi = jnp.maximum(hi, prefix_end)
   return 0, hi
 
 
-def _q_block_range(static, kv_start, prefix_len, num_q_blocks):
-  """[lo, hi) of the query blocks that can see a key block."""
+def _q_block_range(static, kv_start, all_prefix, num_q_blocks):
+  """[lo, hi) of the query blocks that can see a key block (all_prefix [q_len, 1])."""
   if not static.causal:
     return 0, num_q_blocks
   lo = lax.div(kv_start, static.block_q)
   if static.use_prefix:
-    lo = jnp.where(kv_start < jnp.sum(prefix_len), 0, lo)
+    lo = jnp.where(kv_start < jnp.max(all_prefix), 0, lo)
   return lo, num_q_blocks
 
 
@@ -183,7 +184,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, static):
   q_start = pl.program_id(2) * block_q
   q = q_ref[...]  # [block_q, d]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]  # [block_q, 1]
-  prefix_len = None if prefix_ref is None else prefix_ref[...]  # [1, 1]
+  q_prefix = None if prefix_ref is None else prefix_ref[...]  # [block_q, 1]
 
   def body(j, carry):
     acc, row_max, row_sum = carry  # [block_q, d], [block_q, 1], [block_q, 1]
@@ -192,7 +193,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, static):
     v = v_ref[pl.ds(kv_start, block_k), :]
     logits = _dot_nt(q, k) * static.scale  # [block_q, block_k]
     mask = _block_mask(static, q_start, kv_start, q_seg, _cols(kv_seg_ref, kv_start, block_k),
-                       prefix_len)
+                       q_prefix)
     if mask is not None:
       logits = jnp.where(mask, logits, _MASK_VALUE)
     new_max = jnp.maximum(row_max, jnp.max(logits, axis=1, keepdims=True))
@@ -205,7 +206,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, static):
     return acc, new_max, row_sum
 
   num_kv_blocks = k_ref.shape[0] // block_k
-  lo, hi = _kv_block_range(static, q_start, prefix_len, num_kv_blocks)
+  lo, hi = _kv_block_range(static, q_start, q_prefix, num_kv_blocks)
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q, 1), _MASK_VALUE, jnp.float32),
           jnp.zeros((block_q, 1), jnp.float32))
   acc, row_max, row_sum = lax.fori_loop(lo, hi, body, init)
@@ -234,19 +235,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static):
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]  # [block_q, 1]
   q_seg = None if q_seg_ref is None else q_seg_ref[...]
-  prefix_len = None if prefix_ref is None else prefix_ref[...]
+  q_prefix = None if prefix_ref is None else prefix_ref[...]
 
   def body(j, dq):
     kv_start = j * block_k
     k = k_ref[pl.ds(kv_start, block_k), :]
     v = v_ref[pl.ds(kv_start, block_k), :]
     mask = _block_mask(static, q_start, kv_start, q_seg, _cols(kv_seg_ref, kv_start, block_k),
-                       prefix_len)
+                       q_prefix)
     _, dlogits = _probs_and_dlogits(static, q, k, v, do, lse, delta, mask)
     return dq + _dot(dlogits.astype(k.dtype), k)
 
   num_kv_blocks = k_ref.shape[0] // block_k
-  lo, hi = _kv_block_range(static, q_start, prefix_len, num_kv_blocks)
+  lo, hi = _kv_block_range(static, q_start, q_prefix, num_kv_blocks)
   dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * static.scale).astype(dq_ref.dtype)
 
@@ -267,9 +268,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static)
   kv_start = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]  # [1, block_k]
-  prefix_len = None if prefix_ref is None else prefix_ref[...]  # [1, 1]
+  all_prefix = None if prefix_ref is None else prefix_ref[...]  # [q_len, 1]
   num_q_blocks = q_len // block_q
-  lo, hi = _q_block_range(static, kv_start, prefix_len, num_q_blocks)
+  lo, hi = _q_block_range(static, kv_start, all_prefix, num_q_blocks)
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
   for head in range(group):
@@ -282,7 +283,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static)
       lse = lse_ref[head, pl.ds(q_start, block_q), :]  # [block_q, 1]
       delta = delta_ref[head, pl.ds(q_start, block_q), :]
       mask = _block_mask(static, q_start, kv_start, _rows(q_seg_ref, q_start, block_q), kv_seg,
-                         prefix_len)
+                         _rows(prefix_ref, q_start, block_q))
       probs, dlogits = _probs_and_dlogits(static, q, k, v, do, lse, delta, mask)
       dv = dv + _dot_tn(probs.astype(do.dtype), do)
       dk = dk + _dot_tn(dlogits.astype(q.dtype), q)
@@ -323,15 +324,15 @@ def _specs(static, q_len, kv_len, head_dim, group):
 
 
 def _mask_operands(static, mask_arrays, q_spec, kv_spec):
-  """Inputs and BlockSpecs of the optional segment ids and prefix lengths for one kernel."""
-  q_seg, kv_seg, prefix_len = mask_arrays
+  """Inputs and BlockSpecs of the optional segment ids and prefix ends for one kernel."""
+  q_seg, kv_seg, q_prefix = mask_arrays
   inputs, specs = [], []
   if static.use_segments:
     inputs += [q_seg, kv_seg]
     specs += [q_spec, kv_spec]
-  if static.use_prefix:  # [b, 1, 1]
-    inputs.append(prefix_len)
-    specs.append(pl.BlockSpec((None, 1, 1), lambda b, h, i: (b, 0, 0)))
+  if static.use_prefix:  # [b, sq, 1], a query-side column like q_seg
+    inputs.append(q_prefix)
+    specs.append(q_spec)
   return inputs, specs
 
 
@@ -423,6 +424,13 @@ def _flash_core_bwd(static, residuals, d_out):
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 
 
+def prefix_end_from_len(prefix_len: jax.Array, seq_len: int) -> jax.Array:
+  """Per-query prefix ends [batch, seq_len] of one prefix per example (prefix_len [batch]):
+  prefix_len[b] for the queries inside the prefix, 0 (causal only) for the others."""
+  bound = prefix_len.astype(jnp.int32)[:, None]  # [batch, 1]
+  return jnp.where(jnp.arange(seq_len)[None, :] < bound, bound, 0)
+
+
 def _pad_axis(x, axis, size, value=0):
   if x.shape[axis] == size:
     return x
@@ -441,6 +449,7 @@ def flash_attention(
     kv_segment_ids: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
     prefix_len: jax.Array | None = None,
+    prefix_end: jax.Array | None = None,
     scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -460,6 +469,9 @@ def flash_attention(
     kv_lengths: [batch] int; keys at positions >= kv_lengths[b] are padding.
     prefix_len: [batch] int, with `causal` and q_len == kv_len: positions < prefix_len[b]
       also see each other bidirectionally.
+    prefix_end: [batch, q_len] int, with `causal` and q_len == kv_len, instead of
+      `prefix_len`: query i also sees keys j < prefix_end[b, i] (0: causal only). A packed
+      row gives each prefix token its own example's prefix end; segments still apply.
     scale: logit scale; head_dim ** -0.5 by default.
     block_q, block_k: block sizes; `default_block_sizes` by default.
     interpret: run the kernels in the Pallas interpreter; default: on CPU.
@@ -476,8 +488,10 @@ def flash_attention(
   kv_len, num_kv_heads = key.shape[1], key.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f'kv heads ({num_kv_heads}) must divide query heads ({num_heads})')
-  if prefix_len is not None and (not causal or q_len != kv_len):
-    raise ValueError('prefix_len needs causal=True and q_len == kv_len')
+  if prefix_len is not None and prefix_end is not None:
+    raise ValueError('give prefix_len or prefix_end, not both')
+  if (prefix_len is not None or prefix_end is not None) and (not causal or q_len != kv_len):
+    raise ValueError('prefix_len and prefix_end need causal=True and q_len == kv_len')
   backend = backend or jax.default_backend()
   if interpret is None:
     interpret = backend == 'cpu'
@@ -505,10 +519,12 @@ def flash_attention(
     q_seg = _pad_axis(segment_ids.astype(jnp.int32), 1, q_padded)[:, :, None]  # [b, sq, 1]
     kv_seg = _pad_axis(kv_seg, 1, kv_padded, _PAD_SEGMENT)[:, None, :]  # [b, 1, skv]
   if prefix_len is not None:
-    prefix = prefix_len.astype(jnp.int32).reshape(batch, 1, 1)
+    prefix_end = prefix_end_from_len(prefix_len, q_len)
+  if prefix_end is not None:
+    prefix = _pad_axis(prefix_end.astype(jnp.int32), 1, q_padded)[:, :, None]  # [b, sq, 1]
 
   static = _Static(scale=float(scale), causal=causal, use_segments=use_segments,
-                   use_prefix=prefix_len is not None, kv_len=kv_len, kv_padded=kv_padded,
+                   use_prefix=prefix_end is not None, kv_len=kv_len, kv_padded=kv_padded,
                    block_q=block_q, block_k=block_k, interpret=bool(interpret), backend=backend)
 
   def prepare(x, padded_len):  # [b, s, h, d] -> padded, in the kernels' layout

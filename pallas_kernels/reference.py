@@ -22,6 +22,7 @@ def attention_mask(
     kv_segment_ids: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
     prefix_len: jax.Array | None = None,
+    prefix_end: jax.Array | None = None,
 ) -> jax.Array:
   """The dense [batch, q_len, kv_len] boolean mask `flash_attention` applies blockwise."""
   q_pos = jnp.arange(q_len)[:, None]
@@ -33,6 +34,8 @@ def attention_mask(
       in_prefix_q = q_pos[None] < prefix_len[:, None, None]  # [batch, q, 1]
       in_prefix_kv = kv_pos[None] < prefix_len[:, None, None]  # [batch, 1, kv]
       allowed = allowed | (in_prefix_q & in_prefix_kv)
+    if prefix_end is not None:  # query i also sees keys j < prefix_end[b, i]
+      allowed = allowed | (kv_pos[None] < prefix_end[:, :, None])
     mask = mask & allowed
   if segment_ids is not None or kv_segment_ids is not None:
     if segment_ids is None:
@@ -55,6 +58,7 @@ def attention(
     kv_segment_ids: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
     prefix_len: jax.Array | None = None,
+    prefix_end: jax.Array | None = None,
     scale: float | None = None,
 ) -> jax.Array:
   """Reference of `flash_attention.flash_attention` (same arguments, same layout).
@@ -69,7 +73,7 @@ def attention(
     scale = head_dim**-0.5
   mask = attention_mask(batch, q_len, kv_len, causal=causal, segment_ids=segment_ids,
                         kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths,
-                        prefix_len=prefix_len)[:, None]  # [batch, 1, q, kv]
+                        prefix_len=prefix_len, prefix_end=prefix_end)[:, None]  # [b, 1, q, kv]
   key = jnp.repeat(key.astype(jnp.float32), group, axis=2)
   value = jnp.repeat(value.astype(jnp.float32), group, axis=2)
   logits = jnp.einsum('bqhd,bkhd->bhqk', query.astype(jnp.float32), key,

@@ -1,4 +1,8 @@
-"""Checkpoints: a run killed with SIGKILL (or stopped by SIGTERM) resumes to the same losses."""
+"""Checkpoints: a run killed with SIGKILL (or stopped by SIGTERM) resumes to the same losses.
+
+The run packs its examples (`data.packing`) with the prefix-LM mask on: the packed iterator's
+state and the per-token mask are the hardest parts of a resume to get right.
+"""
 
 import json
 import os
@@ -15,7 +19,8 @@ ARGS = ['--config=configs/sft.py:model=tiny', f'--config.training.num_steps={NUM
         '--config.training.log_every=1', '--config.training.checkpoint_every=10',
         '--config.training.eval_every=1000', '--config.training.progress_bar=False',
         '--config.training.eval_generate=False',
-        '--config.data.batch_size=8', '--config.data.seq_len=40']
+        '--config.data.batch_size=8', '--config.data.seq_len=48',  # two digits' examples a row
+        '--config.data.packing=True', '--config.model.prefix_attention=True']
 
 
 def start(workdir):

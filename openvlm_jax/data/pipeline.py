@@ -261,6 +261,8 @@ def make_dataset(
     drop_remainder: bool = True,
     bad_records: BadRecords | None = None,
     decode_images: bool = True,
+    packing: bool = False,
+    pack_max_images: int = 0,
 ) -> grain.IterDataset:
   """Builds the Grain dataset of batches for this process (see `make_iterator`)."""
   spec = examples_lib.ExampleSpec(
@@ -283,7 +285,63 @@ def make_dataset(
   if worker_count > 0:
     # Examples are batched after the workers so the batches do not depend on worker_count.
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  if packing:
+    dataset = pack_examples(dataset, spec, rows=batch_size, max_images=pack_max_images)
   return dataset.batch(batch_size, drop_remainder=drop_remainder)
+
+
+# The per-token fields of an example that packing concatenates (the rest are rebuilt).
+_PACKED_TOKEN_FIELDS = ('input_ids', 'targets', 'loss_mask', 'prefix_end')
+
+
+def _unpadded(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """An example cut to its real tokens and images, with its prefix as per-token ends
+  (`prefix_len` at the prefix's tokens, 0 after it; in the example's own positions)."""
+  num_tokens = int(example['attention_mask'].sum())
+  prefix_len = int(example['prefix_len'])
+  prefix_end = np.where(np.arange(num_tokens) < prefix_len, prefix_len, 0).astype(np.int32)
+  return {'input_ids': example['input_ids'][:num_tokens],
+          'targets': example['targets'][:num_tokens],
+          'loss_mask': example['loss_mask'][:num_tokens], 'prefix_end': prefix_end,
+          'images': example['images'][:int(example['num_images'])]}
+
+
+def _packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """A row of packed examples in the batch layout the step reads.
+
+  `attention_mask` holds segment ids (1, 2, ... per example, 0 at padding), `positions`
+  restart at 0 in each segment, and `prefix_end` is moved from each example's own
+  positions to the row's (0 outside prefixes). `prefix_len` is 0: a packed row's prefixes
+  are only in `prefix_end`.
+  """
+  segments = row['input_ids_segment_ids'].astype(np.int32)
+  positions = row['input_ids_positions'].astype(np.int32)
+  segment_start = np.arange(len(segments), dtype=np.int32) - positions
+  prefix_end = np.where(row['prefix_end'] > 0, row['prefix_end'] + segment_start, 0)
+  return {'input_ids': row['input_ids'], 'targets': row['targets'],
+          'loss_mask': row['loss_mask'], 'attention_mask': segments, 'positions': positions,
+          'prefix_end': prefix_end.astype(np.int32),
+          'prefix_len': np.asarray(0, np.int32), 'images': row['images'],
+          'num_images': np.asarray((row['images_segment_ids'] != 0).sum(), np.int32)}
+
+
+def pack_examples(dataset: grain.IterDataset, spec: examples_lib.ExampleSpec, *, rows: int,
+                  max_images: int = 0) -> grain.IterDataset:
+  """Several examples per row (Grain's first-fit packing), up to `spec.seq_len` tokens and
+  `max_images` images per row (0: as many as the tokens can hold).
+
+  Grain packs the images alongside the tokens (their own length budget), so a row's images
+  follow each other in the order of its image tokens. Examples without images pack like any
+  other. The packing iterator's state is part of the iterator's checkpoint.
+  """
+  max_images = max_images or max(spec.seq_len // spec.num_image_tokens, 1)
+  lengths = {name: spec.seq_len for name in _PACKED_TOKEN_FIELDS}
+  padding = {'input_ids': spec.pad_id, 'targets': spec.pad_id, 'loss_mask': 0.0,
+             'prefix_end': 0, 'images': 0.0}
+  packed = grain.experimental.FirstFitPackIterDataset(
+      dataset.map(_unpadded), length_struct={**lengths, 'images': max_images},
+      num_packing_bins=rows, shuffle_bins=False, padding_struct=padding)
+  return packed.map(_packed_row)
 
 
 def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator:
@@ -297,14 +355,17 @@ def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator
       num_epochs (None = repeat forever), worker_count (0 = read in this process),
       num_threads, on_bad_record ('skip' | 'raise'), shard_index, shard_count,
       drop_remainder, bad_records (a `BadRecords` to fill), decode_images (see
-      `load_records`).
+      `load_records`), packing and pack_max_images (several examples per row, see
+      `pack_examples`).
 
   Returns:
     A `grain.DatasetIterator` yielding dicts of numpy arrays:
       input_ids int32, targets int32, loss_mask float32, attention_mask int32,
       positions int32 [batch, seq_len]; images float32 [batch, max_images, H, W, 3];
       num_images int32 [batch]; prefix_len int32 [batch], the index of each row's first
-      answer token (the prefix of `model.prefix_attention`).
+      answer token (the prefix of `model.prefix_attention`). Packed rows hold segment ids
+      in attention_mask, per-segment positions, per-token prefix_end [batch, seq_len], and
+      up to pack_max_images images.
     It has `get_state()` / `set_state()` and works with `grain.checkpoint.CheckpointSave`.
     Call `close()` when done if worker_count > 0.
   """

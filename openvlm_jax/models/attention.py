@@ -5,13 +5,16 @@ One entry point, `dot_product_attention`, with a choice of implementation:
   softmax in float32; runs everywhere.
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')` (NVIDIA GPUs).
 - 'pallas': `pallas_kernels.flash_attention`, which builds the mask blockwise from per-token
-  information instead of reading a dense one: the decoder passes a `CausalPaddingMask`, the
+  information instead of reading a dense one: the decoder passes a `DecoderMask`, the
   vision tower none. A dense mask (cached decoding) falls back to 'xla'. Under a mesh the
   kernels run once per device (shard_map over examples and kv-head groups), since XLA cannot
   partition a Pallas call.
 
-The decoder's mask is causal with key padding, optionally with a bidirectional prefix per
-example (a prefix LM, as in PaliGemma): positions < prefix_len[b] also see each other.
+The decoder's mask is described once, per token (`DecoderMask`): a segment id (0 at padding;
+several examples packed into one row have ids 1, 2, ...; a token sees only its own segment),
+causal order, and optionally a prefix end (a prefix LM, as in PaliGemma: a token of an
+example's prefix also sees the rest of that prefix). An unpacked row is segment 1 with
+padding 0, so the [batch, seq] 0/1 attention mask is already a segment-id array.
 """
 
 from typing import NamedTuple
@@ -51,44 +54,45 @@ def prefix_causal_mask(
   return allowed[:, None]
 
 
-def make_causal_mask(attention_mask: jax.Array, prefix_len: jax.Array | None = None) -> jax.Array:
-  """Builds the boolean causal-and-padding mask of a decoder.
+prefix_end_from_len = pallas_flash.prefix_end_from_len
+
+
+def make_causal_mask(segment_ids: jax.Array, prefix_end: jax.Array | None = None) -> jax.Array:
+  """Builds the dense boolean mask of a decoder from its per-token description.
 
   Args:
-    attention_mask: [batch, seq], 1 (or True) at real tokens, 0 at padding.
-    prefix_len: optional [batch] int; positions < prefix_len[b] attend to each other
-      bidirectionally (a prefix LM), the rest causally.
+    segment_ids: [batch, seq] int, 0 at padding, the example's id at its tokens (a 0/1
+      attention mask is one example per row).
+    prefix_end: optional [batch, seq] int (prefix LM): query i also sees the keys j <
+      prefix_end[b, i] of its segment; 0 for tokens outside a prefix.
 
   Returns:
-    [batch, 1, seq, seq] boolean: query i may attend to key j when key j is real and j <= i
-    (or both are in the prefix).
+    [batch, 1, seq, seq] boolean: query i may attend to key j when both have the same
+    segment id and j <= i (or j lies before i's prefix end). Padding sees only padding.
   """
-  positions = jnp.arange(attention_mask.shape[-1])  # [seq]
-  allowed = prefix_causal_mask(positions, positions, prefix_len)  # [batch or 1, 1, q, kv]
-  key_is_real = attention_mask.astype(jnp.bool_)[:, None, None, :]  # [batch, 1, 1, kv]
-  return allowed & key_is_real
+  positions = jnp.arange(segment_ids.shape[-1])  # [seq]
+  allowed = positions[None, None, :] <= positions[None, :, None]  # [1, q, kv]
+  if prefix_end is not None:
+    allowed = allowed | (positions[None, None, :] < prefix_end.astype(jnp.int32)[:, :, None])
+  segments = segment_ids.astype(jnp.int32)
+  same_segment = segments[:, :, None] == segments[:, None, :]  # [batch, q, kv]
+  return (allowed & same_segment)[:, None]
 
 
-class CausalPaddingMask(NamedTuple):
-  """A causal mask with key padding, kept as the [batch, seq] mask it is built from.
+class DecoderMask(NamedTuple):
+  """The decoder's mask, kept as the per-token arrays it is built from (see the module)."""
 
-  With `prefix_len` [batch], positions < prefix_len[b] also see each other bidirectionally.
-  """
-
-  attention_mask: jax.Array  # [batch, seq], 1 at real tokens, 0 at padding
-  prefix_len: jax.Array | None = None  # [batch] int
+  segment_ids: jax.Array  # [batch, seq] int, 0 at padding
+  prefix_end: jax.Array | None = None  # [batch, seq] int, or None (causal only)
 
 
 def decoder_mask(
-    attention_mask: jax.Array, impl: str, prefix_len: jax.Array | None = None
-) -> jax.Array | CausalPaddingMask:
-  """The decoder's mask in the form `impl` wants: dense [batch, 1, seq, seq] or compact.
-
-  `prefix_len` ([batch] int, optional) makes positions < prefix_len[b] bidirectional.
-  """
+    segment_ids: jax.Array, impl: str, prefix_end: jax.Array | None = None
+) -> jax.Array | DecoderMask:
+  """The decoder's mask in the form `impl` wants: dense [batch, 1, seq, seq] or per token."""
   if impl == 'pallas':
-    return CausalPaddingMask(attention_mask, prefix_len)
-  return make_causal_mask(attention_mask, prefix_len)
+    return DecoderMask(segment_ids, prefix_end)
+  return make_causal_mask(segment_ids, prefix_end)
 
 
 def _pallas_attention(query, key, value, mask, scale):
@@ -96,18 +100,16 @@ def _pallas_attention(query, key, value, mask, scale):
   if mask is None:
     return _per_device(lambda q, k, v: pallas_flash.flash_attention(q, k, v, scale=scale),
                        query, key, value, ())
-  if not isinstance(mask, CausalPaddingMask):  # a dense mask (cached decoding): no kernel
+  if not isinstance(mask, DecoderMask):  # a dense mask (cached decoding): no kernel
     return _xla_attention(query, key, value, mask, scale)
-  key_segments = mask.attention_mask.astype(jnp.int32)  # [batch, kv_len]: 0 marks padding
-  per_example = (key_segments,)
-  if mask.prefix_len is not None:
-    per_example += (mask.prefix_len.astype(jnp.int32),)  # [batch]
+  per_example = (mask.segment_ids.astype(jnp.int32),)  # [batch, seq]: 0 marks padding
+  if mask.prefix_end is not None:
+    per_example += (mask.prefix_end.astype(jnp.int32),)  # [batch, seq]
 
-  def kernel(query, key, value, key_segments, prefix_len=None):
-    query_segments = jnp.ones(query.shape[:2], jnp.int32)  # every query sees the real keys
-    return pallas_flash.flash_attention(
-        query, key, value, causal=True, segment_ids=query_segments,
-        kv_segment_ids=key_segments, prefix_len=prefix_len, scale=scale)
+  def kernel(query, key, value, segment_ids, prefix_end=None):
+    return pallas_flash.flash_attention(query, key, value, causal=True,
+                                        segment_ids=segment_ids, prefix_end=prefix_end,
+                                        scale=scale)
 
   return _per_device(kernel, query, key, value, per_example)
 
@@ -156,7 +158,7 @@ def dot_product_attention(
     key: jax.Array,
     value: jax.Array,
     *,
-    mask: jax.Array | CausalPaddingMask | None = None,
+    mask: jax.Array | DecoderMask | None = None,
     scale: float | None = None,
     impl: str = 'xla',
 ) -> jax.Array:
@@ -167,9 +169,8 @@ def dot_product_attention(
     key: [batch, kv_len, kv_heads, head_dim]; kv_heads divides heads.
     value: [batch, kv_len, kv_heads, head_dim].
     mask: optional boolean [batch, 1 or heads, q_len, kv_len]; True where attention is
-      allowed (causal and padding combined); or a `CausalPaddingMask` (optionally with a
-      bidirectional prefix). None attends
-      everywhere (a ViT).
+      allowed (causal and padding combined); or a `DecoderMask` (segments, causal order,
+      optional prefix ends). None attends everywhere (a ViT).
     scale: logit scale; defaults to head_dim ** -0.5.
     impl: 'xla' | 'cudnn' | 'pallas'.
 
@@ -183,8 +184,8 @@ def dot_product_attention(
     scale = query.shape[-1] ** -0.5
   if impl == 'pallas':
     return _pallas_attention(query, key, value, mask, scale)
-  if isinstance(mask, CausalPaddingMask):
-    mask = make_causal_mask(mask.attention_mask, mask.prefix_len)
+  if isinstance(mask, DecoderMask):
+    mask = make_causal_mask(mask.segment_ids, mask.prefix_end)
   if impl == 'xla':
     return _xla_attention(query, key, value, mask, scale)
   if impl == 'cudnn':

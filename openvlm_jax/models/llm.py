@@ -21,8 +21,12 @@ ACTIVATION_NAMES = ('batch', 'length', 'embed')
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
-  """Position ids that skip left padding: cumsum(mask) - 1, clipped at 0. [batch, seq]."""
-  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+  """Position ids that skip left padding: cumsum(mask != 0) - 1, clipped at 0. [batch, seq].
+
+  One example per row; a packed row brings its own positions (restarting in each segment).
+  """
+  real = (attention_mask != 0).astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -222,6 +226,7 @@ class LLM(nn.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array,
       prefix_len: jax.Array | None = None,
+      prefix_end: jax.Array | None = None,
       deterministic: bool = True,
   ) -> jax.Array:
     """Logits of the next token at every position.
@@ -230,10 +235,13 @@ class LLM(nn.Module):
       input_ids: [batch, seq] int32; or give `inputs_embeds` instead.
       inputs_embeds: [batch, seq, embed] (e.g. text embeddings with image features merged).
       positions: [batch, seq] rotary positions; default `positions_from_mask(attention_mask)`.
-      attention_mask: [batch, seq] 1 at real tokens, 0 at padding; or a full boolean mask
-        [batch, 1 or heads, seq, seq].
-      prefix_len: optional [batch] int (prefix LM): positions < prefix_len[b] attend to each
-        other bidirectionally, the rest causally. Only with a [batch, seq] attention_mask.
+      attention_mask: [batch, seq] segment ids: 1 at real tokens and 0 at padding, or 1, 2,
+        ... for the examples packed into a row (give their `positions`); or a full boolean
+        mask [batch, 1 or heads, seq, seq].
+      prefix_len: optional [batch] int (prefix LM, one example per row): positions
+        < prefix_len[b] attend to each other bidirectionally, the rest causally.
+      prefix_end: optional [batch, seq] int (prefix LM, per token, packed rows too): query i
+        also sees keys j < prefix_end[b, i] of its segment. Not with `prefix_len`.
       deterministic: unused (no dropout), kept for a uniform model signature.
 
     Returns:
@@ -248,10 +256,14 @@ class LLM(nn.Module):
     if positions is None:
       positions = positions_from_mask(attention_mask)
     cos, sin = rope_cos_sin(positions, self.inv_freq)
+    if prefix_len is not None:
+      if prefix_end is not None:
+        raise ValueError('give prefix_len or prefix_end, not both')
+      prefix_end = attention.prefix_end_from_len(prefix_len, attention_mask.shape[1])
     if attention_mask.ndim == 2:
-      mask = attention.decoder_mask(attention_mask, self.attention_impl, prefix_len)
-    elif prefix_len is not None:
-      raise ValueError('prefix_len needs a [batch, seq] attention_mask, not a full mask')
+      mask = attention.decoder_mask(attention_mask, self.attention_impl, prefix_end)
+    elif prefix_end is not None:
+      raise ValueError('a prefix needs a [batch, seq] attention_mask, not a full mask')
     else:
       mask = attention_mask.astype(jnp.bool_)
     hidden = layers.apply_layer_stack(self.layers, hidden, (cos, sin, mask), _LAYER_IN_AXES)

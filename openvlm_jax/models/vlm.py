@@ -76,6 +76,7 @@ class VLM(nn.Module):
       positions: jax.Array | None = None,
       attention_mask: jax.Array,
       prefix_len: jax.Array | None = None,
+      prefix_end: jax.Array | None = None,
       image_features: jax.Array | None = None,
       deterministic: bool = True,
   ) -> jax.Array:
@@ -86,10 +87,14 @@ class VLM(nn.Module):
         `image_token_id`.
       images: [batch, max_images, H, W, 3] float32, normalised; padding images are ignored.
       positions: [batch, seq] rotary positions (default: cumsum of the mask - 1).
-      attention_mask: [batch, seq], 1 at real tokens, 0 at padding.
+      attention_mask: [batch, seq] segment ids: 1 at real tokens, 0 at padding; 1, 2, ...
+        for examples packed into one row (with their `positions`; their images follow each
+        other in `images`, in the order of their image tokens).
       prefix_len: optional [batch] int (prefix LM, `config.prefix_attention`): positions
         < prefix_len[b] attend to each other bidirectionally, the rest causally. Used
         whenever given; None is plain causal attention.
+      prefix_end: optional [batch, seq] int, the per-token form of `prefix_len` that packed
+        rows need (`LLM.__call__`).
       image_features: [batch, max_images, tokens, embed] from `encode_images`, used instead
         of `images` when given (e.g. to encode once before decoding).
       deterministic: unused (no dropout).
@@ -109,6 +114,7 @@ class VLM(nn.Module):
         positions=positions,
         attention_mask=attention_mask,
         prefix_len=prefix_len,
+        prefix_end=prefix_end,
         deterministic=deterministic,
     )
 

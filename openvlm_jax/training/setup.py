@@ -292,7 +292,8 @@ def train_iterator(run: Run) -> Iterator[dict]:
       image_size=spec.image_size, image_mean=spec.image_mean, image_std=spec.image_std,
       num_image_tokens=spec.num_image_tokens, seq_len=spec.seq_len, max_images=spec.max_images,
       on_bad_record=data.on_bad_record, decode_images=data.decode_images,
-      shard_index=jax.process_index(), shard_count=jax.process_count())
+      shard_index=jax.process_index(), shard_count=jax.process_count(),
+      packing=data.packing, pack_max_images=data.pack_max_images)
 
 
 def load_eval_set(run: Run, files: Sequence[str] | None = None,

@@ -13,7 +13,8 @@ from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training.state import TrainState
 
 # The batch fields every model call reads (and `model.init` needs); a prefix LM
-# (`config.prefix_attention`) reads `prefix_len` [batch] as well.
+# (`config.prefix_attention`) reads `prefix_len` [batch] as well, or a packed batch's
+# per-token `prefix_end` [batch, seq].
 MODEL_INPUTS = ('input_ids', 'images', 'positions', 'attention_mask')
 
 
@@ -25,14 +26,19 @@ def uses_prefix_attention(model: nn.Module) -> bool:
 def model_logits(model: nn.Module, params, batch: dict, rngs: dict | None = None) -> jax.Array:
   """Runs the VLM on a batch dict. Returns logits [batch, seq, vocab].
 
-  With `config.prefix_attention` the model also gets `batch['prefix_len']` [batch]; without
-  it the batch's `prefix_len`, if any, is not read. `rngs` ({'dropout': key}) turns on
-  dropout (the LoRA adapters' input dropout).
+  With `config.prefix_attention` the model also gets the prefix: `batch['prefix_end']`
+  [batch, seq] in a packed batch, else `batch['prefix_len']` [batch]; without it neither is
+  read. A packed batch's `attention_mask` holds segment ids and its `positions` restart in
+  each segment. `rngs` ({'dropout': key}) turns on dropout (the LoRA adapters' input
+  dropout).
   """
-  prefix_len = batch['prefix_len'] if uses_prefix_attention(model) else None
+  prefix = {}
+  if uses_prefix_attention(model):
+    prefix = ({'prefix_end': batch['prefix_end']} if 'prefix_end' in batch
+              else {'prefix_len': batch['prefix_len']})
   return model.apply({'params': params}, batch['input_ids'], batch['images'],
                      positions=batch['positions'], attention_mask=batch['attention_mask'],
-                     prefix_len=prefix_len, rngs=rngs)
+                     rngs=rngs, **prefix)
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:

@@ -44,6 +44,12 @@ CASES = [
                                               [0] * 3 + [1] * 26])}),
     ('prefix_gqa8', 21, 8, 1, 16, 16, 8, jnp.float32,
      {'causal': True, 'prefix_len': np.array([9, 0])}),
+    # Two packed examples per row, each with its own bidirectional prefix, then padding.
+    ('packed_prefixes', 24, 4, 2, 16, 8, 8, jnp.float32,
+     {'causal': True,
+      'segment_ids': np.array([[1] * 9 + [2] * 12 + [0] * 3, [1] * 20 + [2] * 4]),
+      'prefix_end': np.array([[4] * 4 + [0] * 5 + [14] * 5 + [0] * 10,
+                              [0] * 20 + [23] * 3 + [0]])}),
     ('kv_lengths_padding_segments', 18, 2, 1, 16, 8, 8, jnp.float32,
      {'kv_lengths': np.array([11, 18]),
       'kv_segment_ids': np.array([[0] * 4 + [1] * 14, [1] * 18]),
@@ -135,11 +141,13 @@ def test_lowers_for_gpu_and_tpu(platform):
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     mask_sets = [{}] if not causal else [
-        {}, {'segment_ids': ids, 'kv_lengths': lengths}, {'prefix_len': lengths}]
+        {}, {'segment_ids': ids, 'kv_lengths': lengths}, {'prefix_len': lengths},
+        {'segment_ids': ids, 'prefix_end': ids}]
     for mask_names in mask_sets:
 
       def loss_and_grads(q, k, v, segment_ids, lengths, mask_names=mask_names):
-        masks = {'segment_ids': segment_ids, 'kv_lengths': lengths, 'prefix_len': lengths}
+        masks = {'segment_ids': segment_ids, 'kv_lengths': lengths, 'prefix_len': lengths,
+                 'prefix_end': segment_ids}
         attend = lambda q, k, v: flash_attention.flash_attention(
             q, k, v, causal=causal, interpret=False, backend=backend,
             **{name: masks[name] for name in mask_names})
