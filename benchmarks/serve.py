@@ -114,7 +114,7 @@ def main():
   for label, (max_batch, window_ms) in settings.items():
     config.serve.max_batch, config.serve.batch_window_ms = max_batch, window_ms
     engine, name = modes.serving_engine(config, workdir)
-    engine.warm_up(streams=(False,))  # as --mode=serve does (these requests are not streamed)
+    engine.warm_up(streams=(False,))  # every bucket, as --mode=serve (no streamed variant)
     client, stop = _serve(engine, name)
     servers[label] = (client, name, stop, engine)
 

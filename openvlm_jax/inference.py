@@ -154,6 +154,13 @@ def sampling_from_config(section: Any, tokenizer: Any) -> SamplingConfig:
       pad_token_id=int(pad_id))
 
 
+def decode_answer(tokenizer: Any, tokens: Sequence[int]) -> str:
+  """Generated tokens as text: special tokens dropped, spaces as the tokens spell them (no
+  clean-up, which would rewrite earlier text as a streamed answer grows)."""
+  return tokenizer.decode(list(tokens), skip_special_tokens=True,
+                          clean_up_tokenization_spaces=False)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
              length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists to `length` (default: the longest). Returns ids, mask [b, len]."""
@@ -210,6 +217,6 @@ def answer_prompts(
     out = jax.device_get(generate(params, input_ids, attention_mask, pixels, batch_rng))
     for row in range(len(chunk)):
       num_tokens = int(out['num_tokens'][row])
-      text = tokenizer.decode(out['tokens'][row, :num_tokens].tolist(), skip_special_tokens=True)
+      text = decode_answer(tokenizer, out['tokens'][row, :num_tokens].tolist())
       results.append({'answer': text.strip(), 'num_tokens': num_tokens})
   return results

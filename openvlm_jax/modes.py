@@ -184,7 +184,8 @@ def folder_config(config: ml_collections.ConfigDict, folder: str) -> ml_collecti
 
 
 def serve(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Serves the latest checkpoint as an OpenAI-compatible API until interrupted."""
+  """Serves the latest checkpoint (or `config.serve.folder`) as an OpenAI-compatible API
+  until interrupted."""
   import uvicorn  # pylint: disable=g-import-not-at-top
 
   from openvlm_jax.serving import api  # pylint: disable=g-import-not-at-top

@@ -134,14 +134,17 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def _split_mask_refs(static, refs):
-  """Splits the optional (q_seg, kv_seg, prefix_len) refs off the front of refs."""
-  q_seg = kv_seg = prefix = None
+def _split_mask_refs(static, refs, key_blocks: bool = False):
+  """Splits the optional (q_seg, kv_seg, prefix_end) refs off the front of refs; with
+  `key_blocks` (the dk/dv kernel) also the key block's first prefix query, else None."""
+  q_seg = kv_seg = prefix = first = None
   if static.use_segments:
     q_seg, kv_seg, *refs = refs
   if static.use_prefix:
     prefix, *refs = refs
-  return (q_seg, kv_seg, prefix), refs
+    if key_blocks:
+      first, *refs = refs
+  return (q_seg, kv_seg, prefix, first), refs
 
 
 def _kv_block_range(static, q_start, q_prefix, num_kv_blocks):
@@ -157,13 +160,20 @@ def _kv_block_range(static, q_start, q_prefix, num_kv_blocks):
   return 0, hi
 
 
-def _q_block_range(static, kv_start, all_prefix, num_q_blocks):
-  """[lo, hi) of the query blocks that can see a key block (all_prefix [q_len, 1])."""
+def _q_block_range(static, kv_block, first_prefix_queries, num_q_blocks):
+  """[lo, hi) of the query blocks that can see key block `kv_block`.
+
+  `first_prefix_queries` [1, nk_padded] holds, per key block, the first query whose prefix
+  end lies past the block's start (`_first_prefix_queries`); this block's entry is picked
+  with a masked min rather than a dynamic lane index.
+  """
   if not static.causal:
     return 0, num_q_blocks
-  lo = lax.div(kv_start, static.block_q)
+  lo = lax.div(kv_block * static.block_k, static.block_q)
   if static.use_prefix:
-    lo = jnp.where(kv_start < jnp.max(all_prefix), 0, lo)
+    lanes = lax.broadcasted_iota(jnp.int32, first_prefix_queries.shape, 1)
+    first = jnp.min(jnp.where(lanes == kv_block, first_prefix_queries, jnp.iinfo(jnp.int32).max))
+    lo = jnp.minimum(lo, lax.div(first, static.block_q))
   return lo, num_q_blocks
 
 
@@ -179,7 +189,7 @@ def _cols(ref, start, size):
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, static):
   """One query block against all key blocks: out [block_q, d], lse [block_q, 1]."""
-  (q_seg_ref, kv_seg_ref, prefix_ref), (out_ref, lse_ref) = _split_mask_refs(static, refs)
+  (q_seg_ref, kv_seg_ref, prefix_ref, _), (out_ref, lse_ref) = _split_mask_refs(static, refs)
   block_q, block_k = static.block_q, static.block_k
   q_start = pl.program_id(2) * block_q
   q = q_ref[...]  # [block_q, d]
@@ -229,7 +239,7 @@ def _probs_and_dlogits(static, q, k, v, do, lse, delta, mask):
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static):
   """dq of one query block: loops over the key blocks it sees."""
-  (q_seg_ref, kv_seg_ref, prefix_ref), (dq_ref,) = _split_mask_refs(static, refs)
+  (q_seg_ref, kv_seg_ref, prefix_ref, _), (dq_ref,) = _split_mask_refs(static, refs)
   block_q, block_k = static.block_q, static.block_k
   q_start = pl.program_id(2) * block_q
   q, do = q_ref[...], do_ref[...]
@@ -261,16 +271,17 @@ def _group_rows(static, ref, head, start, size):
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, static):
   """dk, dv of one key block of one kv head: loops over the group's query heads and blocks."""
-  (q_seg_ref, kv_seg_ref, prefix_ref), (dk_ref, dv_ref) = _split_mask_refs(static, refs)
+  (q_seg_ref, kv_seg_ref, prefix_ref, first_ref), (dk_ref, dv_ref) = _split_mask_refs(
+      static, refs, key_blocks=True)
   block_q, block_k = static.block_q, static.block_k
   group = lse_ref.shape[0]  # lse_ref [group, q_len, 1]
   q_len = lse_ref.shape[1]
   kv_start = pl.program_id(2) * block_k
   k, v = k_ref[...], v_ref[...]
   kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]  # [1, block_k]
-  all_prefix = None if prefix_ref is None else prefix_ref[...]  # [q_len, 1]
+  first_prefix_queries = None if first_ref is None else first_ref[...]  # [1, nk_padded]
   num_q_blocks = q_len // block_q
-  lo, hi = _q_block_range(static, kv_start, all_prefix, num_q_blocks)
+  lo, hi = _q_block_range(static, pl.program_id(2), first_prefix_queries, num_q_blocks)
   dk = jnp.zeros(k.shape, jnp.float32)
   dv = jnp.zeros(v.shape, jnp.float32)
   for head in range(group):
@@ -323,9 +334,11 @@ def _specs(static, q_len, kv_len, head_dim, group):
   )
 
 
-def _mask_operands(static, mask_arrays, q_spec, kv_spec):
-  """Inputs and BlockSpecs of the optional segment ids and prefix ends for one kernel."""
-  q_seg, kv_seg, q_prefix = mask_arrays
+def _mask_operands(static, mask_arrays, q_spec, kv_spec, key_blocks: bool = False):
+  """Inputs and BlockSpecs of the optional segment ids and prefix ends for one kernel; with
+  `key_blocks` (the dk/dv grid) also each key block's first prefix query [b, 1, nk_padded],
+  whole (a power-of-two row for Triton, the full dims for Mosaic)."""
+  q_seg, kv_seg, q_prefix, first_prefix_query = mask_arrays
   inputs, specs = [], []
   if static.use_segments:
     inputs += [q_seg, kv_seg]
@@ -333,7 +346,28 @@ def _mask_operands(static, mask_arrays, q_spec, kv_spec):
   if static.use_prefix:  # [b, sq, 1], a query-side column like q_seg
     inputs.append(q_prefix)
     specs.append(q_spec)
+    if key_blocks:
+      inputs.append(first_prefix_query)
+      specs.append(pl.BlockSpec((None, 1, first_prefix_query.shape[2]),
+                                lambda b, h, j: (b, 0, 0)))
   return inputs, specs
+
+
+def _first_prefix_queries(prefix_end: jax.Array, num_kv_blocks: int, block_k: int) -> jax.Array:
+  """For each key block, the first query that sees into it through a prefix (prefix_end past
+  the block's start), or the query length when none does: int32 [b, 1, nk_padded], padded
+  with the query length to a power of two.
+
+  prefix_end: [b, q_padded, 1]. Computed here so that the dk/dv kernel skips the query
+  blocks no prefix reaches back from, instead of reading the whole column (Triton loads
+  power-of-two sizes only).
+  """
+  q_len = prefix_end.shape[1]
+  block_starts = jnp.arange(num_kv_blocks, dtype=jnp.int32) * block_k  # [nk]
+  sees = prefix_end[:, None, :, 0] > block_starts[None, :, None]  # [b, nk, q]
+  first = jnp.where(jnp.any(sees, axis=-1), jnp.argmax(sees, axis=-1), q_len)
+  first = _pad_axis(first.astype(jnp.int32), 1, _next_power_of_2(num_kv_blocks), q_len)
+  return first[:, None, :]
 
 
 def _layout(static, x):
@@ -390,7 +424,7 @@ def _backward(static, q, k, v, out, lse, d_out, mask_arrays):
   )(q, k, v, d_out, lse, delta, *mask_inputs)
 
   mask_inputs, mask_specs = _mask_operands(static, mask_arrays, specs['q_mask_full'],
-                                           specs['kv_mask_block'])
+                                           specs['kv_mask_block'], key_blocks=True)
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, static=static),
       grid=(batch, num_kv_heads, kv_len // static.block_k),
@@ -506,7 +540,7 @@ def flash_attention(
   dim_padded = _next_power_of_2(head_dim) if backend == 'gpu' and not interpret else head_dim
 
   use_segments = segment_ids is not None or kv_segment_ids is not None or kv_lengths is not None
-  q_seg = kv_seg = prefix = None
+  q_seg = kv_seg = prefix = first_prefix_query = None
   if use_segments:
     if segment_ids is None:
       segment_ids = jnp.zeros((batch, q_len), jnp.int32)
@@ -522,6 +556,7 @@ def flash_attention(
     prefix_end = prefix_end_from_len(prefix_len, q_len)
   if prefix_end is not None:
     prefix = _pad_axis(prefix_end.astype(jnp.int32), 1, q_padded)[:, :, None]  # [b, sq, 1]
+    first_prefix_query = _first_prefix_queries(prefix, kv_padded // block_k, block_k)
 
   static = _Static(scale=float(scale), causal=causal, use_segments=use_segments,
                    use_prefix=prefix_end is not None, kv_len=kv_len, kv_padded=kv_padded,
@@ -532,7 +567,7 @@ def flash_attention(
     return x.transpose(0, 2, 1, 3) if static.heads_major else x
 
   out = _flash_core(static, prepare(query, q_padded), prepare(key, kv_padded),
-                    prepare(value, kv_padded), (q_seg, kv_seg, prefix))
+                    prepare(value, kv_padded), (q_seg, kv_seg, prefix, first_prefix_query))
   if static.heads_major:
     out = out.transpose(0, 2, 1, 3)
   return out[:, :q_len, :, :head_dim]

@@ -20,12 +20,14 @@ import base64
 import binascii
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from openvlm_jax import inference
 from openvlm_jax.data import examples as examples_lib
@@ -171,6 +173,7 @@ class Engine:
     self.queue = asyncio.Queue(maxsize=limits.max_queue)  # binds to a loop on first use
     self._generators: dict[tuple, Any] = {}
     self._listener: Callable[[int, np.ndarray, np.ndarray], None] | None = None
+    self._decoding = threading.Lock()  # one decoder call at a time owns `_listener`
     self.stats = {'batches': 0, 'rows': 0}
 
   def prepare(self, messages, *, max_tokens: int | None, temperature: float, top_p: float,
@@ -223,9 +226,17 @@ class Engine:
     return self._generators[key]
 
   def _on_step(self, step, tokens, live) -> None:
-    """The streamed decoders' host callback: hands one step's tokens to the running group."""
-    if self._listener is not None:
+    """The streamed decoders' host callback: hands one step's tokens to the running group.
+
+    A failing listener (e.g. a client's event loop gone) is logged, not raised: raising here
+    would fail every request of the group.
+    """
+    if self._listener is None:
+      return
+    try:
       self._listener(int(step), np.asarray(tokens), np.asarray(live))
+    except Exception as error:  # noqa: BLE001
+      logging.warning('streaming a step failed: %s', error)
 
   def warm_up(self, temperature: float = 0.0, streams: Sequence[bool] = (False, True)) -> int:
     """Compiles the decoder for every (rows, prompt length) bucket a request can reach, for
@@ -269,15 +280,16 @@ class Engine:
     pixels = np.stack(images + [np.zeros_like(images[0])] * (rows - len(images)))
     seed = sampling.seed if sampling.seed is not None else time.monotonic_ns()
     streams = [_Stream(job, choice, self.tokenizer) for job, choice in owners]
-    if sampling.stream:
-      self._listener = lambda step, tokens, live: [
-          stream.add(int(token)) for stream, token, alive in zip(streams, tokens, live)
-          if alive]
-    try:
-      out = jax.device_get(self._generate_fn(sampling)(
-          self.params, input_ids, attention_mask, pixels, jax.random.key(seed % (1 << 31))))
-    finally:
-      self._listener = None
+    with self._decoding:
+      if sampling.stream:
+        self._listener = lambda step, tokens, live: [
+            stream.add(int(token)) for stream, token, alive in zip(streams, tokens, live)
+            if alive]
+      try:
+        out = jax.device_get(self._generate_fn(sampling)(
+            self.params, input_ids, attention_mask, pixels, jax.random.key(seed % (1 << 31))))
+      finally:
+        self._listener = None
     self.stats['batches'] += 1
     self.stats['rows'] += len(prompts)
     results = {id(job): [] for job in jobs}
@@ -390,25 +402,29 @@ class _Stream:
     self.stopped = False
 
   def _send(self, text: str) -> None:
+    """Hands on the text past what was sent. Text that does not extend it (a decode that
+    rewrote earlier characters) waits for `finish`; `inference.decode_answer` does no
+    clean-up of spaces, the usual cause of such rewrites."""
     if self.job.on_delta is not None and text.startswith(self.sent) and len(text) > len(
         self.sent):
       self.job.on_delta(self.choice, text[len(self.sent):])
       self.sent = text
+
+  def _decode(self, tokens: list[int]) -> str:
+    return inference.decode_answer(self.tokenizer, tokens)
 
   def add(self, token: int) -> None:
     """A newly generated token (streamed decoders, per step)."""
     if self.stopped or len(self.tokens) >= self.job.max_new_tokens:
       return
     self.tokens.append(token)
-    text, self.stopped = settled_text(
-        self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.job.stops)
+    text, self.stopped = settled_text(self._decode(self.tokens), self.job.stops)
     self._send(text)
 
   def finish(self, tokens: list[int]) -> dict[str, Any]:
     """The choice's answer from all its `tokens`; the rest of the text goes to `on_delta`."""
     ended = bool(tokens) and tokens[-1] in _stop_ids(self.tokenizer)
-    text, stopped = cut_at_stop(
-        self.tokenizer.decode(tokens, skip_special_tokens=True).strip(), self.job.stops)
+    text, stopped = cut_at_stop(self._decode(tokens).strip(), self.job.stops)
     text = text.rstrip()
     self._send(text)
     return {'text': text, 'completion_tokens': len(tokens),

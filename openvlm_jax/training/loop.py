@@ -148,7 +148,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   try:
     for step in range(start_step + 1, training.num_steps + 1):
       local_batch = next(train_iterator)
-      window_tokens += int(local_batch['attention_mask'].sum()) * jax.process_count()
+      # Real tokens: attention_mask holds segment ids (1, 2, ... in a packed row, 0 at pads).
+      window_tokens += int((local_batch['attention_mask'] > 0).sum()) * jax.process_count()
       window_steps += 1
       state, metrics = train_step(state, parallel.global_batch(local_batch, run.mesh))
       # The previous step is done by now; checking it does not stall the one just started.

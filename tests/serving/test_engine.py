@@ -85,7 +85,7 @@ class _Pieces:
   PIECES = ('</s>', ' 1', '2', ' S', 'TOP', ' x', ' ', '3')
   eos_token_id = 0
 
-  def decode(self, tokens, skip_special_tokens=True):
+  def decode(self, tokens, skip_special_tokens=True, **_):
     return ''.join(self.PIECES[t] for t in tokens if not (skip_special_tokens and t == 0))
 
 
