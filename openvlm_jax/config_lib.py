@@ -100,14 +100,19 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.tokenizer = ''
 
   config.data = ml_collections.ConfigDict()
-  # JSONL files in LLaVA format; empty builds the embedded digits dataset into the workdir.
+  # Sources (data/sources.py): LLaVA JSONL files, or datasets converted to ArrayRecord by
+  # `python -m openvlm_jax.data.convert`, named 'folder:split'. Empty builds the embedded
+  # demo dataset into the workdir.
   config.data.train_files = ()
   config.data.eval_files = ()
+  # One weight per train_files entry makes them a mixture (Grain's mix); () reads them as one.
+  config.data.train_weights = ()
   config.data.seq_len = placeholder(int)  # set by the recipe
   config.data.max_images = 1
   config.data.batch_size = placeholder(int)  # global, across all processes; set by the recipe
   config.data.shuffle_seed = 0
-  config.data.worker_count = 0
+  config.data.worker_count = 0  # Grain processes that decode and preprocess images; 0: none
+  config.data.worker_buffer_size = 1  # examples each worker prepares ahead
   config.data.on_bad_record = 'skip'  # 'skip' (count and log) | 'raise'
   # Decode every image fully when validating (catches truncated files up front); False for
   # very large sets, where a late decode failure is then dropped and logged once.

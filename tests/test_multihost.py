@@ -4,6 +4,8 @@ Both runs go through the real entry point. The data has exactly one global batch
 batch 8), so every step sees the same examples whether one process reads them all or each of
 two processes reads its shard of 4: the losses must agree. Were a process to read the other's
 shard too, or rows were assembled wrongly, a batch would hold duplicates and the losses differ.
+The one process reads the JSONL file; the two read its conversion to ArrayRecord, so the two
+sources also agree through training.
 """
 
 import json
@@ -13,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from openvlm_jax.data import digits
+from openvlm_jax.data import convert, digits
 from openvlm_jax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +32,7 @@ def free_port() -> int:
 
 
 def write_data(folder):
-  """8 digits records (one global batch) and a tokenizer trained on them."""
+  """8 digits records (one global batch) as JSONL, as ArrayRecord, and a tokenizer."""
   built = digits.build_digits_dataset(os.path.join(folder, 'digits'), seed=0, image_size=16)
   with open(built['train']) as f:
     lines = f.readlines()[:BATCH]
@@ -39,7 +41,9 @@ def write_data(folder):
     f.writelines(lines)
   tokenizer_dir = os.path.join(folder, 'tokenizer')
   tokenizer_lib.train_tokenizer(digits.tokenizer_corpus([built['train']]), tokenizer_dir)
-  return train_file, tokenizer_dir
+  converted = os.path.join(folder, 'arrayrecord')
+  convert.convert_jsonl({'train': [train_file]}, converted, show_progress=False)
+  return train_file, f'{converted}:train', tokenizer_dir
 
 
 def start(workdir, train_file, tokenizer_dir, num_devices, **env_vars):
@@ -80,11 +84,11 @@ def train_records(workdir):
 
 def test_two_processes_match_one(tmp_path):
   deadline = time.time() + TIMEOUT_S
-  train_file, tokenizer_dir = write_data(str(tmp_path))
+  train_file, converted, tokenizer_dir = write_data(str(tmp_path))
   single_dir, multi_dir = str(tmp_path / 'single'), str(tmp_path / 'multi')
   coordinator = f'127.0.0.1:{free_port()}'
   processes = [start(single_dir, train_file, tokenizer_dir, num_devices=8)]
-  processes += [start(multi_dir, train_file, tokenizer_dir, num_devices=4,
+  processes += [start(multi_dir, converted, tokenizer_dir, num_devices=4,
                       JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES='2',
                       JAX_PROCESS_ID=str(index)) for index in range(2)]
   outputs = wait_all(processes, deadline)
@@ -93,8 +97,9 @@ def test_two_processes_match_one(tmp_path):
   assert 'process 0 of 1, 8 local / 8 global devices' in outputs[0]
   assert 'process 0 of 2, 4 local / 8 global devices' in outputs[1]
   assert 'process 1 of 2, 4 local / 8 global devices' in outputs[2]
-  assert '(shard 0 of 2): 4 records, none skipped' in outputs[1]
-  assert '(shard 1 of 2): 4 records, none skipped' in outputs[2]
+  assert f'{train_file}: 8 records, none skipped' in outputs[0]
+  assert 'llava_records/2.0.0:train (shard 0 of 2): 4 records, none skipped' in outputs[1]
+  assert 'llava_records/2.0.0:train (shard 1 of 2): 4 records, none skipped' in outputs[2]
 
   # Same losses; metrics written once (by process 0), not once per process.
   single, multi = train_records(single_dir), train_records(multi_dir)

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from openvlm_jax.console import UserError
-from openvlm_jax.data import conversation
+from openvlm_jax.data import conversation, sources
 
 TASKS = ('read', 'sum')
 _MARKER = '.complete'
@@ -176,18 +176,17 @@ def built_files(out_dir: str) -> dict[str, str] | None:
   return None
 
 
-def tokenizer_corpus(jsonl_paths: Iterable[str]) -> Iterator[str]:
-  """Yields the texts of LLaVA JSONL files as the chat template shows them, for BPE training.
+def tokenizer_corpus(data: Iterable[str]) -> Iterator[str]:
+  """Yields the texts of LLaVA records as the chat template shows them, for BPE training.
 
+  `data` names sources as `config.data.train_files` does (JSONL files, converted datasets).
   Each turn becomes "user:\n..." or "assistant:\n..." with `<image>` placeholders removed
   (the image token is a special token, added to the vocabulary separately).
   """
-  for path in jsonl_paths:
-    with open(path) as f:
-      for line in f:
-        if not line.strip():
-          continue
-        for turn in json.loads(line).get('conversations', []):
-          role = conversation.ROLES.get(turn.get('from'), 'user')
-          text = str(turn.get('value', '')).replace(conversation.IMAGE_PLACEHOLDER, '')
-          yield f'{role}:\n{text.strip()}'
+  for record in sources.iter_records(list(data)):
+    for turn in record['conversations']:
+      if not isinstance(turn, dict):
+        continue
+      role = conversation.ROLES.get(turn.get('from'), 'user')
+      text = str(turn.get('value', '')).replace(conversation.IMAGE_PLACEHOLDER, '')
+      yield f'{role}:\n{text.strip()}'

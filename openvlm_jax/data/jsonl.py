@@ -56,6 +56,18 @@ def parse_record(line: str | bytes, path: str, line_no: int) -> dict[str, Any]:
       missing or non-list `conversations`, a malformed `image` field or an escaping path.
   """
   where = f'{path}:{line_no}'
+  fields, images = record_fields(load_object(line, where), where,
+                                 default_id=f'{os.path.basename(path)}:{line_no}')
+  root = os.path.dirname(os.path.abspath(path))
+  try:
+    image_paths = [resolve_image_path(root, image) for image in images]
+  except ValueError as error:
+    raise ValueError(f'{where}: {error}') from error
+  return dict(fields, image_paths=image_paths)
+
+
+def load_object(line: str | bytes, where: str) -> dict[str, Any]:
+  """One JSONL line as a JSON object; `ValueError('where: reason')` otherwise."""
   try:
     record = json.loads(line)
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -63,8 +75,19 @@ def parse_record(line: str | bytes, path: str, line_no: int) -> dict[str, Any]:
   if not isinstance(record, dict):
     kind = type(record).__name__
     raise ValueError(f'{where}: a record must be a JSON object, got {kind}')  # noqa: TRY004
+  return record
+
+
+def record_fields(record: dict[str, Any], where: str,
+                  default_id: str) -> tuple[dict[str, Any], list[str]]:
+  """The checked fields of a record object, and its image names as written (not resolved).
+
+  Returns:
+    (`{"where", "id", "conversations", "question_type", "answer_kind"}`, image names); the
+    id is `default_id` when the record has none.
+  """
   if 'conversations' not in record and 'question' in record:
-    record['conversations'] = question_turns(record, where)
+    record = dict(record, conversations=question_turns(record, where))
   if 'conversations' not in record:
     raise ValueError(f"{where}: 'conversations' is missing")
   if not isinstance(record['conversations'], list):
@@ -76,26 +99,20 @@ def parse_record(line: str | bytes, path: str, line_no: int) -> dict[str, Any]:
     images = [images]
   elif not isinstance(images, list):
     raise ValueError(f"{where}: 'image' must be a path or a list of paths")
-  root = os.path.dirname(os.path.abspath(path))
-  try:
-    image_paths = [resolve_image_path(root, image) for image in images]
-  except ValueError as error:
-    raise ValueError(f'{where}: {error}') from error
   question_type = record.get('question_type')
   if question_type is not None and not isinstance(question_type, str):
     raise ValueError(f"{where}: 'question_type' must be a string")
   answer_kind = record.get('answer_kind')
   if answer_kind not in (None, 'number', 'label'):
     raise ValueError(f"{where}: 'answer_kind' must be 'number' or 'label', got {answer_kind!r}")
-  return {
+  fields = {
       'where': where,
-      'id': (str(record['id']) if record.get('id') is not None
-             else f'{os.path.basename(path)}:{line_no}'),
+      'id': str(record['id']) if record.get('id') is not None else default_id,
       'conversations': record['conversations'],
-      'image_paths': image_paths,
       'question_type': question_type,
       'answer_kind': answer_kind,
   }
+  return fields, images
 
 
 def question_turns(record: dict[str, Any], where: str) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from absl import logging
 from openvlm_jax import console
 from openvlm_jax.console import UserError
 from openvlm_jax.data import examples as examples_lib
-from openvlm_jax.data import jsonl
+from openvlm_jax.data import sources
 
 _MAX_LOGGED_OFFENDERS = 10
 # Records after which a shard whose records all failed alike stops (`_stop_if_all_bad_alike`).
@@ -60,7 +60,8 @@ class BadRecords:
     return '\n'.join(lines)
 
 
-def _check_policy(on_bad_record: str) -> None:
+def check_policy(on_bad_record: str) -> None:
+  """Refuses an `on_bad_record` other than 'skip' or 'raise'."""
   if on_bad_record not in ('skip', 'raise'):
     raise UserError(f"on_bad_record must be 'skip' or 'raise', got {on_bad_record!r}")
 
@@ -113,13 +114,12 @@ def _compact(tokens: Any) -> dict[str, np.ndarray] | None:
 
 
 def _as_source(data: Sequence[str] | str | Any) -> Any:
-  """JSONL path(s) -> an indexed `jsonl.JsonlSource`; a source object is returned as is."""
+  """Source names (`sources.open_sources`: JSONL files, converted datasets) -> one source;
+  a source object is returned as is."""
   if isinstance(data, (str, os.PathLike)):
     data = [data]
   if isinstance(data, (list, tuple)):
-    if not data:
-      raise UserError('no data files given')
-    return jsonl.index_jsonl([os.fspath(path) for path in data])
+    return sources.open_sources(data)
   return data
 
 
@@ -160,7 +160,7 @@ def load_records(
   and checked (see `examples.check_record`).
 
   Args:
-    data: LLaVA JSONL paths, or a record source such as `tfds_source.TfdsSource`.
+    data: source names (see `sources`: JSONL files, converted datasets), or a source.
     spec: tokenizer, sizes and image preprocessing.
     on_bad_record: 'raise' stops at the first bad record with `path:line: reason`; 'skip'
       drops it and counts it in `bad_records` (logged via absl.logging).
@@ -169,7 +169,8 @@ def load_records(
     bad_records: filled with the skipped records, if given.
     decode_images: decode every image fully while validating (the default: catches e.g.
       truncated JPEGs, which Pillow's cheap `verify()` lets through); False for very large
-      sets, where a late decode failure is then dropped and logged once.
+      sets, where a late decode failure is then dropped and logged once. A converted
+      dataset's images were decoded at conversion and get the cheap check.
     check: validates one record (`examples.check_record` for training,
       `examples.check_question` for records to answer). The tokens it returns
       (`check_record`'s `{"input_ids", "loss_mask"}`) travel with the records.
@@ -177,10 +178,12 @@ def load_records(
   Returns:
     A `SubsetSource` over the records that passed.
   """
-  _check_policy(on_bad_record)
+  check_policy(on_bad_record)
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index={shard_index} is not in [0, shard_count={shard_count})')
   source = _as_source(data)
+  # Images a converted dataset holds were decoded fully at conversion (`data.convert`).
+  decode_images = decode_images and not getattr(source, 'images_decoded', False)
   bad_records = BadRecords() if bad_records is None else bad_records
   kept, kept_tokens = [], []
   reasons = set()  # why the records so far were bad (without their locations)
@@ -254,29 +257,36 @@ def make_dataset(
     seed: int = 0,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    worker_buffer_size: int = 1,
     num_threads: int = 2,
     on_bad_record: str = 'skip',
     shard_index: int = 0,
     shard_count: int = 1,
     drop_remainder: bool = True,
-    bad_records: BadRecords | None = None,
+    bad_records: BadRecords | Sequence[BadRecords] | None = None,
     decode_images: bool = True,
     packing: bool = False,
     pack_max_images: int = 0,
+    weights: Sequence[float] = (),
 ) -> grain.IterDataset:
   """Builds the Grain dataset of batches for this process (see `make_iterator`)."""
   spec = examples_lib.ExampleSpec(
       tokenizer=tokenizer, image_size=image_size, image_mean=tuple(image_mean),
       image_std=tuple(image_std), num_image_tokens=num_image_tokens, seq_len=seq_len,
       max_images=max_images)
-  source = load_records(
-      files, spec, on_bad_record=on_bad_record, shard_index=shard_index,
-      shard_count=shard_count, bad_records=bad_records, decode_images=decode_images)
-  dataset = grain.MapDataset.source(source)
-  if shuffle:
-    dataset = dataset.shuffle(seed=seed)  # a new order each epoch, derived from the seed
-  if num_epochs != 1:
-    dataset = dataset.repeat(num_epochs)  # None: forever
+  load = functools.partial(load_records, spec=spec, on_bad_record=on_bad_record,
+                           shard_index=shard_index, shard_count=shard_count,
+                           decode_images=decode_images)
+  if weights:
+    parts = mixture_parts(files, weights)
+    reports = list(bad_records) if bad_records is not None else [BadRecords() for _ in parts]
+    if len(reports) != len(parts):
+      raise ValueError(f'{len(parts)} mixture sources but {len(reports)} bad-record reports')
+    dataset = grain.MapDataset.mix(
+        [_records(load(part, bad_records=report), shuffle, seed + index, num_epochs)
+         for index, (part, report) in enumerate(zip(parts, reports))], weights=list(weights))
+  else:
+    dataset = _records(load(files, bad_records=bad_records), shuffle, seed, num_epochs)
   dataset = dataset.map(
       functools.partial(_example_or_skip, spec=spec, on_bad_record=on_bad_record,
                         logged=set()))
@@ -284,10 +294,33 @@ def make_dataset(
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))
   if worker_count > 0:
     # Examples are batched after the workers so the batches do not depend on worker_count.
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
   if packing:
     dataset = pack_examples(dataset, spec, rows=batch_size, max_images=pack_max_images)
   return dataset.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def mixture_parts(files: Sequence[str] | Any, weights: Sequence[float]) -> list[Any]:
+  """The sources of a mixture, one per weight; refuses a bad pairing in one line."""
+  parts = [files] if not isinstance(files, (list, tuple)) else list(files)
+  if len(parts) != len(weights):
+    raise UserError(f'config.data.train_weights: {len(weights)} weights for {len(parts)} '
+                    'train_files; give one weight per source')
+  if any(not weight > 0 for weight in weights):
+    raise UserError(f'config.data.train_weights: every weight must be > 0, got {tuple(weights)}')
+  return parts
+
+
+def _records(source: SubsetSource, shuffle: bool, seed: int,
+             num_epochs: int | None) -> grain.MapDataset:
+  """The records of one source, shuffled anew each epoch and repeated `num_epochs` times."""
+  dataset = grain.MapDataset.source(source)
+  if shuffle:
+    dataset = dataset.shuffle(seed=seed)  # a new order each epoch, derived from the seed
+  if num_epochs != 1:
+    dataset = dataset.repeat(num_epochs)  # None: forever
+  return dataset
 
 
 # The per-token fields of an example that packing concatenates (the rest are rebuilt).
@@ -348,15 +381,20 @@ def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator
   """Returns a checkpointable iterator over training batches of this process's shard.
 
   Args:
-    files: LLaVA JSONL paths (image paths inside are relative to each file's folder), or a
-      record source such as `tfds_source.TfdsSource`.
+    files: source names (`sources`: LLaVA JSONL files, whose image paths are relative to
+      each file's folder, or converted datasets as 'folder:split'), or a record source.
     **kwargs: as `make_dataset`: tokenizer, image_size, image_mean, image_std,
       num_image_tokens, seq_len, max_images, batch_size (per process), shuffle, seed,
-      num_epochs (None = repeat forever), worker_count (0 = read in this process),
+      num_epochs (None = repeat forever), worker_count (0 = decode and preprocess in this
+      process; N = in N Grain worker processes, each `worker_buffer_size` examples ahead),
       num_threads, on_bad_record ('skip' | 'raise'), shard_index, shard_count,
-      drop_remainder, bad_records (a `BadRecords` to fill), decode_images (see
-      `load_records`), packing and pack_max_images (several examples per row, see
-      `pack_examples`).
+      drop_remainder, bad_records (a `BadRecords` to fill; one per source of a mixture),
+      decode_images (see `load_records`), packing and pack_max_images (several examples per
+      row, see `pack_examples`), weights (one per entry of `files`: a mixture, see below).
+
+  With `weights`, each entry of `files` is its own source (validated, counted, sharded and
+  shuffled on its own, with seed + its index) and Grain's `MapDataset.mix` interleaves them
+  in those proportions; without, all entries are read as one source.
 
   Returns:
     A `grain.DatasetIterator` yielding dicts of numpy arrays:

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from openvlm_jax import checkpoint, config_lib, console, inference, objectives, parallel
 from openvlm_jax.console import UserError
-from openvlm_jax.data import charts, digits, pipeline
+from openvlm_jax.data import charts, digits, pipeline, sources
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.hf import io as hf_io
@@ -50,15 +50,14 @@ class Run:
 
 def data_files(config: ml_collections.ConfigDict, workdir: str,
                build_demo: bool = True) -> tuple[tuple, tuple]:
-  """The train and eval JSONL files; the embedded digits dataset when none are configured.
+  """The train and eval sources (`data.sources`); the embedded dataset when none are configured.
 
   With `build_demo` False (every mode but train) the demo data must already be there.
   """
   if config.data.train_files:
     for key in ('train_files', 'eval_files'):
-      for path in config.data[key]:
-        if not os.path.isfile(path):
-          raise UserError(f'config.data.{key}: no such file {path}')
+      for index, spec in enumerate(config.data[key]):
+        sources.check_spec(spec, f'config.data.{key}[{index}]')
     return tuple(config.data.train_files), tuple(config.data.eval_files)
   folder = os.path.join(workdir, 'data')
   builder = charts if config.data.demo_task == 'charts' else digits
@@ -286,9 +285,17 @@ def local_batch_size(run: Run) -> int:
 def train_iterator(run: Run) -> Iterator[dict]:
   """The shuffled, repeating, checkpointable iterator over this process's training batches."""
   data, spec = run.config.data, example_spec(run)
+  if data.train_weights and len(data.train_weights) != len(run.train_files):
+    raise UserError(f'config.data.train_weights: {len(data.train_weights)} weights for '
+                    f'{len(run.train_files)} train_files; give one weight per source')
+  if data.worker_count > 0:
+    console.say(f'data: {data.worker_count} Grain worker process(es) decode and preprocess '
+                f'images, {data.worker_buffer_size} example(s) ahead each')
   return pipeline.make_iterator(
       run.train_files, batch_size=local_batch_size(run), shuffle=True, seed=data.shuffle_seed,
-      num_epochs=None, worker_count=data.worker_count, tokenizer=spec.tokenizer,
+      num_epochs=None, worker_count=data.worker_count,
+      worker_buffer_size=data.worker_buffer_size, weights=tuple(data.train_weights),
+      tokenizer=spec.tokenizer,
       image_size=spec.image_size, image_mean=spec.image_mean, image_std=spec.image_std,
       num_image_tokens=spec.num_image_tokens, seq_len=spec.seq_len, max_images=spec.max_images,
       on_bad_record=data.on_bad_record, decode_images=data.decode_images,

@@ -83,3 +83,19 @@ def make_record():
 def make_jsonl():
   """`write_jsonl`, as a fixture for test modules."""
   return write_jsonl
+
+
+@pytest.fixture
+def small_spec():
+  """Example sizes for 8x8 test images: 2 image tokens, 24 tokens, one image."""
+  return {'image_size': 8, 'image_mean': (0.5,) * 3, 'image_std': (0.25,) * 3,
+          'num_image_tokens': 2, 'seq_len': 24, 'max_images': 1}
+
+
+@pytest.fixture
+def record_ids():
+  """batch -> each row's record index, recovered from its image fill value (`image_value`)."""
+  def ids(batch):
+    value = np.round((batch['images'][:, 0, 0, 0, 0] * 0.25 + 0.5) * 255).astype(int)
+    return [int(v) for v in (value - 3) // 11]
+  return ids

@@ -79,3 +79,38 @@ def test_only_a_dinov2_tower_reads_another_image_size():
   clip = VLMConfig(llm=llm, vision=VisionConfig(kind='clip', **tower))
   with pytest.raises(UserError, match='only a DINOv2 tower resizes its position table'):
     setup.with_tower_image_size(clip, 56)
+
+
+def test_a_run_reads_a_weighted_mixture_of_jsonl_and_arrayrecord(tmp_path, capsys):
+  from configs import sft  # pylint: disable=g-import-not-at-top
+  from openvlm_jax.data import convert, digits  # pylint: disable=g-import-not-at-top
+  built = digits.build_digits_dataset(str(tmp_path / 'digits'), seed=0, image_size=16)
+  convert.convert_jsonl({'eval': [built['eval']]}, str(tmp_path / 'ar'), show_progress=False)
+  config = sft.get_config('model=tiny')
+  with config.unlocked():
+    config.data.train_files = (built['train'], f'{tmp_path}/ar')  # the single split: eval
+    config.data.train_weights = (3.0, 1.0)
+    config.data.batch_size, config.data.worker_count = 16, 1
+  run = setup.make_run(config, str(tmp_path / 'run'))
+  iterator = setup.train_iterator(run)
+  try:
+    batches = [next(iterator) for _ in range(4)]
+  finally:
+    iterator.close()
+  assert 'data: 1 Grain worker process(es) decode and preprocess images' in capsys.readouterr().out
+  # A row comes from the ArrayRecord source when its image is one of the eval digits'.
+  spec = setup.example_spec(run)
+  source = setup.sources.open_source(f'{tmp_path}/ar')
+  eval_images = {setup.examples_lib.load_images(source[i], spec).tobytes()
+                 for i in range(len(source))}
+  rows = [image.tobytes() for batch in batches for image in batch['images']]
+  from_arrayrecord = sum(row in eval_images for row in rows)
+  assert 0.15 <= from_arrayrecord / len(rows) <= 0.35, from_arrayrecord  # weight 1 of 4
+  with config.unlocked():
+    config.data.train_weights = (1.0,)
+  with pytest.raises(UserError, match=r'1 weights for 2 train_files'):
+    setup.train_iterator(setup.make_run(config, str(tmp_path / 'run')))
+  with config.unlocked():
+    config.data.train_files = (built['train'], str(tmp_path / 'missing'))
+  with pytest.raises(UserError, match=r'config.data.train_files\[1\]: no such file or converted'):
+    setup.make_run(config, str(tmp_path / 'run'))
