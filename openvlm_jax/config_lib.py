@@ -121,7 +121,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # tokens and pack_max_images images (0: as many as seq_len can hold); eval is unpacked.
   config.data.packing = False
   config.data.pack_max_images = 0
-  # The embedded dataset: 'read' | 'sum' (digits, data/digits.py) | 'charts' (data/charts.py).
+  # The embedded dataset: 'read' | 'sum' | 'sum_pairs' (digits, data/digits.py) | 'charts'.
   config.data.demo_task = 'read'
   config.data.demo_train_repeats = 1  # digits: training records led by each training digit
 
@@ -291,8 +291,8 @@ CHOICES = {
     'model.vision.kind': ('clip', 'siglip'),
     'model.llm.family': ('llama', 'qwen2', 'mistral'),
     'lora.base_dtype': ('float32', 'bf16', 'int8', 'nf4'),
-    'objective.name': ('sft', 'quantitative'),
-    'data.demo_task': ('read', 'sum', 'charts'),
+    'objective.name': ('sft', 'quantitative', 'dpo'),
+    'data.demo_task': ('read', 'sum', 'sum_pairs', 'charts'),
     'export.dtype': ('float32', 'bfloat16'),
     'export.format': ('merged', 'peft'),
 }

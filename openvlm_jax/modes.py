@@ -38,12 +38,12 @@ def restore_params(run: setup.Run, step: int = -1, layout: setup.StateLayout | N
   return params, step
 
 
-def restored_evaluator(run: setup.Run, eval_set: evaluate.EvalSet):
+def restored_evaluator(run: setup.Run, eval_set: evaluate.EvalSet,
+                       objective: objectives.Objective | None = None):
   """(the run's evaluator over `eval_set`, the latest checkpoint's params, its step)."""
   layout = setup.state_layout(run)
-  evaluator = setup.make_evaluator(run, eval_set, objectives.get(run.config.objective,
-                                                                 run.tokenizer),
-                                   layout.shardings.params)
+  objective = objective or objectives.get(run.config.objective, run.tokenizer)
+  evaluator = setup.make_evaluator(run, eval_set, objective, layout.shardings.params)
   params, step = restore_params(run, layout=layout)
   return evaluator, params, step
 
@@ -54,8 +54,9 @@ def eval(config: ml_collections.ConfigDict, workdir: str) -> dict:  # pylint: di
   run = setup.make_run(config, workdir, build_demo=False)
   if not run.has_eval:
     raise UserError('--mode=eval needs eval data: --config.data.eval_files=<file.jsonl>')
-  eval_set = setup.load_eval_set(run)
-  evaluator, params, step = restored_evaluator(run, eval_set)
+  objective = objectives.get(run.config.objective, run.tokenizer)
+  eval_set = setup.load_eval_set(run, pairs=objective.pairs)
+  evaluator, params, step = restored_evaluator(run, eval_set, objective)
   metrics = evaluator.teacher_forced(params)
   answers = evaluator.answers(params)
   metrics.update(evaluate.score(answers, eval_set))
@@ -76,6 +77,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> dict:
   section = config.predict
   if not section.input:
     raise UserError('--mode=predict needs --config.predict.input=<questions.jsonl>')
+  if not os.path.isfile(section.input):  # answers name their images by path
+    raise UserError(f'config.predict.input: no such JSONL file {section.input}')
   output = section.output or os.path.join(workdir, 'predictions.jsonl')
   database = section.database or os.path.join(workdir, 'runs.db')
   checkpoint.require_step(workdir)

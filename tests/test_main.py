@@ -51,7 +51,7 @@ def _error_line(output):
     (['--config.model.attention_impl=flash'], "config.model.attention_impl='flash': must be one "
                                               'of'),
     (['--config.data.train_files=("/no/such/train.jsonl",)'],
-     'error: config.data.train_files: no such file /no/such/train.jsonl'),
+     'error: config.data.train_files[0]: no such file or converted dataset /no/such/train.jsonl'),
 ])
 def test_config_mistakes_are_one_line_naming_the_key(tmp_path, args, expected):
   status, output = cli(tmp_path, *TINY, *args)

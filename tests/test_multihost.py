@@ -4,8 +4,9 @@ Both runs go through the real entry point. The data has exactly one global batch
 batch 8), so every step sees the same examples whether one process reads them all or each of
 two processes reads its shard of 4: the losses must agree. Were a process to read the other's
 shard too, or rows were assembled wrongly, a batch would hold duplicates and the losses differ.
-The one process reads the JSONL file; the two read its conversion to ArrayRecord, so the two
-sources also agree through training.
+The one process reads the JSONL file; the two read its first half converted to ArrayRecord
+followed by its second half as JSONL, so both kinds of source are sharded over processes and
+agree with the JSONL file through training.
 """
 
 import json
@@ -32,7 +33,8 @@ def free_port() -> int:
 
 
 def write_data(folder):
-  """8 digits records (one global batch) as JSONL, as ArrayRecord, and a tokenizer."""
+  """8 digits records (one global batch) as JSONL, as half ArrayRecord + half JSONL, and a
+  tokenizer."""
   built = digits.build_digits_dataset(os.path.join(folder, 'digits'), seed=0, image_size=16)
   with open(built['train']) as f:
     lines = f.readlines()[:BATCH]
@@ -41,18 +43,23 @@ def write_data(folder):
     f.writelines(lines)
   tokenizer_dir = os.path.join(folder, 'tokenizer')
   tokenizer_lib.train_tokenizer(digits.tokenizer_corpus([built['train']]), tokenizer_dir)
+  halves = []
+  for name, part in (('first', lines[:BATCH // 2]), ('second', lines[BATCH // 2:])):
+    halves.append(os.path.join(folder, 'digits', f'{name}.jsonl'))
+    with open(halves[-1], 'w') as f:
+      f.writelines(part)
   converted = os.path.join(folder, 'arrayrecord')
-  convert.convert_jsonl({'train': [train_file]}, converted, show_progress=False)
-  return train_file, f'{converted}:train', tokenizer_dir
+  convert.convert_jsonl({'train': [halves[0]]}, converted, show_progress=False)
+  return train_file, (f'{converted}:train', halves[1]), tokenizer_dir
 
 
-def start(workdir, train_file, tokenizer_dir, num_devices, **env_vars):
+def start(workdir, train_files, tokenizer_dir, num_devices, **env_vars):
   args = [sys.executable, '-m', 'openvlm_jax.main', f'--workdir={workdir}',
           '--config=configs/sft.py:model=tiny', f'--config.training.num_steps={NUM_STEPS}',
           '--config.training.log_every=1', '--config.training.progress_bar=False',
           f'--config.data.batch_size={BATCH}', '--config.data.seq_len=32',
           '--config.optimizer.warmup_steps=0',
-          f'--config.data.train_files=("{train_file}",)', f'--config.tokenizer={tokenizer_dir}',
+          f'--config.data.train_files={tuple(train_files)!r}', f'--config.tokenizer={tokenizer_dir}',
           '--alsologtostderr', '--verbosity=0']
   env = dict(os.environ, JAX_PLATFORMS='cpu', TOKENIZERS_PARALLELISM='false',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices} {FAST_COMPILE}',
@@ -87,7 +94,7 @@ def test_two_processes_match_one(tmp_path):
   train_file, converted, tokenizer_dir = write_data(str(tmp_path))
   single_dir, multi_dir = str(tmp_path / 'single'), str(tmp_path / 'multi')
   coordinator = f'127.0.0.1:{free_port()}'
-  processes = [start(single_dir, train_file, tokenizer_dir, num_devices=8)]
+  processes = [start(single_dir, [train_file], tokenizer_dir, num_devices=8)]
   processes += [start(multi_dir, converted, tokenizer_dir, num_devices=4,
                       JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES='2',
                       JAX_PROCESS_ID=str(index)) for index in range(2)]
@@ -98,8 +105,9 @@ def test_two_processes_match_one(tmp_path):
   assert 'process 0 of 2, 4 local / 8 global devices' in outputs[1]
   assert 'process 1 of 2, 4 local / 8 global devices' in outputs[2]
   assert f'{train_file}: 8 records, none skipped' in outputs[0]
-  assert 'llava_records/2.0.0:train (shard 0 of 2): 4 records, none skipped' in outputs[1]
-  assert 'llava_records/2.0.0:train (shard 1 of 2): 4 records, none skipped' in outputs[2]
+  both = f'llava_records/2.0.0:train, {converted[1]}'
+  assert f'{both} (shard 0 of 2): 4 records, none skipped' in outputs[1]
+  assert f'{both} (shard 1 of 2): 4 records, none skipped' in outputs[2]
 
   # Same losses; metrics written once (by process 0), not once per process.
   single, multi = train_records(single_dir), train_records(multi_dir)

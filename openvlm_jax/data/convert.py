@@ -11,6 +11,7 @@ here (it depends on the run's tokenizer): the run checks it when it loads the re
 A run reads the result with `--config.data.train_files=data/ar:train` (see `sources`).
 """
 
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,13 +24,17 @@ from openvlm_jax.data import images as images_lib
 from openvlm_jax.data import jsonl, pipeline, tfds_source
 
 
-def keyed_examples(files: Sequence[str], on_bad_record: str, bad_records: pipeline.BadRecords,
+def keyed_examples(split: str, files: Sequence[str], on_bad_record: str,
+                   bad_records: pipeline.BadRecords,
                    progress: tqdm.tqdm) -> Iterator[tfds_source.KeyedExample]:
   """Yields (key, example) for the good records of `files`; counts the bad ones.
 
-  The key is the record's position among the good ones (zero-padded), so the dataset
-  keeps the JSONL order.
+  Keys grow with the record's position, so the dataset keeps the JSONL order, and are spread
+  over TFDS's 128-bit key range: its writer sorts large splits in 1000 buckets by key, and
+  keys 0, 1, 2, ... would put a whole split in one bucket, sorted in memory.
   """
+  num_lines = sum(1 for path in files for _ in jsonl.iter_lines(path))
+  key_step = 2**128 // max(num_lines, 1)
   kept = 0
   for path in files:
     for _, line_no, line in jsonl.iter_lines(path):
@@ -42,13 +47,18 @@ def keyed_examples(files: Sequence[str], on_bad_record: str, bad_records: pipeli
           raise UserError(str(error)) from error
         bad_records.add(str(error))
         continue
-      yield f'{kept:012d}', example
+      yield kept * key_step, example
       kept += 1
+  if not kept:
+    first = f'; the first bad one: {bad_records.first_offenders[0]}' if bad_records.count else ''
+    raise UserError(f'{split}: no usable records in {", ".join(files)}{first}')
 
 
 def _example(line: bytes, path: str, line_no: int) -> dict:
   """One JSONL line as the dataset's features; `ValueError('path:line: reason')` if bad."""
   record = jsonl.parse_record(line, path, line_no)
+  # Stored as parsed (every field, the text normalised: no byte-order mark, valid UTF-8).
+  text = json.dumps(jsonl.load_object(line, record['where']), ensure_ascii=False)
   encoded = []
   for image_path in record['image_paths']:
     try:
@@ -59,8 +69,7 @@ def _example(line: bytes, path: str, line_no: int) -> dict:
       raise ValueError(f"{record['where']}: cannot read image {image_path}") from error
     except ValueError as error:
       raise ValueError(f"{record['where']}: {error}") from error
-  return {'id': record['id'], 'origin': record['where'],
-          'record': line.decode().strip(), 'images': encoded}
+  return {'id': record['id'], 'origin': record['where'], 'record': text, 'images': encoded}
 
 
 def convert_jsonl(split_files: Mapping[str, Sequence[str]], data_dir: str, *,
@@ -90,7 +99,7 @@ def convert_jsonl(split_files: Mapping[str, Sequence[str]], data_dir: str, *,
   bad = {split: pipeline.BadRecords() for split in split_files}
   with tqdm.tqdm(total=total, unit='record', disable=not show_progress,
                  dynamic_ncols=True) as progress:
-    make = lambda split: (lambda: keyed_examples(split_files[split], on_bad_record,
+    make = lambda split: (lambda: keyed_examples(split, split_files[split], on_bad_record,
                                                  bad[split], progress))
     folder = tfds_source.write_tfds_dataset(
         {split: make(split) for split in split_files}, data_dir)

@@ -8,6 +8,8 @@ exercises the real input path. Tasks:
           ones; "What is the sum of these digits?" -> "15". Each training digit leads `train_repeats` records (other digits
           drawn at random from the training digits), so the training set can grow well past
           the 1527 images; each held-out digit leads one.
+  'sum_pairs': the sum images as preference pairs (DPO): the question with the true sum
+          as `chosen` and a near miss (1-3 off) as `rejected`.
 The train/eval split is over the digit images, so no eval digit appears in training.
 """
 
@@ -22,7 +24,7 @@ from PIL import Image
 from openvlm_jax.console import UserError
 from openvlm_jax.data import conversation, sources
 
-TASKS = ('read', 'sum')
+TASKS = ('read', 'sum', 'sum_pairs')
 _MARKER = '.complete'
 _READ_QUESTIONS = (
     '<image>\nWhat number is shown?',
@@ -92,15 +94,20 @@ def _records_for_split(
     pixels_8bit = np.round(strip * (255.0 / 16.0)).astype(np.uint8)
     image_name = f'images/{task}_{split}_{number:05d}.png'
     _to_png(pixels_8bit, image_size, os.path.join(out_dir, image_name))
-    records.append({
-        'id': f'{task}-{split}-{number}',
-        'image': image_name,
-        'conversations': [
-            {'from': 'human', 'value': question},
-            {'from': 'gpt', 'value': answer},
-        ],
-    })
+    record = {'id': f'{task}-{split}-{number}', 'image': image_name,
+              'conversations': [{'from': 'human', 'value': question}]}
+    if task == 'sum_pairs':
+      records.append(dict(record, chosen=answer, rejected=near_miss(int(answer), rng)))
+    else:
+      record['conversations'].append({'from': 'gpt', 'value': answer})
+      records.append(record)
   return records
+
+
+def near_miss(answer: int, rng: np.random.Generator) -> str:
+  """A wrong answer 1-3 away from `answer`, never negative."""
+  offset = int(rng.integers(1, 4))
+  return str(answer - offset if answer >= offset and rng.random() < 0.5 else answer + offset)
 
 
 def build_digits_dataset(
@@ -122,8 +129,8 @@ def build_digits_dataset(
     seed: fixes the split, the question phrasings and the digit combinations.
     eval_fraction: share of the 1797 digit images held out for evaluation.
     image_size: side of the square RGB PNGs.
-    task: 'read' (one digit, answer the digit) or 'sum' (1-3 digits in training, 2-3 held
-      out; answer their sum).
+    task: 'read' (one digit, answer the digit), 'sum' (1-3 digits in training, 2-3 held
+      out; answer their sum) or 'sum_pairs' (those sums as chosen/rejected pairs).
     train_repeats: records each training digit leads (the eval split has one per digit).
 
   Returns:

@@ -162,6 +162,12 @@ def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndar
     pixels = load_images(record, spec)
   except ValueError as error:
     raise ValueError(f"{record.get('where', '?')}: {error}") from error
+  return dict(token_fields(tokens, spec), images=pixels,
+              num_images=np.asarray(_num_images(record), dtype=np.int32))
+
+
+def token_fields(tokens: dict[str, np.ndarray], spec: ExampleSpec) -> dict[str, np.ndarray]:
+  """An example's per-token fields and `prefix_len` from `encode_tokens`'s result."""
   num_tokens = len(tokens['input_ids'])
   seq_len = spec.seq_len
   input_ids = np.full((seq_len,), spec.pad_id, dtype=np.int32)
@@ -181,9 +187,49 @@ def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndar
       'attention_mask': attention_mask,
       'positions': positions,
       'prefix_len': np.asarray(prefix_length(tokens['loss_mask']), dtype=np.int32),
-      'images': pixels,
-      'num_images': np.asarray(_num_images(record), dtype=np.int32),
   }
+
+
+def _rejected(record: dict[str, Any]) -> dict[str, Any]:
+  """A preference record seen as its rejected conversation."""
+  if 'rejected_conversations' not in record:
+    raise ValueError("not a preference record: it needs 'chosen' and 'rejected' answers")
+  return dict(record, conversations=record['rejected_conversations'], tokens=None)
+
+
+def check_pair(record: dict[str, Any], spec: ExampleSpec, decode_images: bool = True) -> None:
+  """Validates a preference record: both conversations encode and fit, its images are sound.
+
+  Raises:
+    ValueError: with the reason (no file:line; callers add it).
+  """
+  encode_tokens(_rejected(record), spec)
+  encode_tokens(record, spec)
+  _check_images(record, decode_images)
+
+
+def make_pair_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
+  """A preference record as two rows, chosen then rejected: every field gains a [2] axis.
+
+  Both rows share the record's images (decoded once); each has its own tokens and loss mask
+  (the answer), so a DPO objective reads each answer's log-probability from its row.
+
+  Raises:
+    ValueError: `"path:line: reason"` when the record cannot be encoded.
+  """
+  try:
+    rows = [token_fields(encode_tokens(view, spec), spec) for view in (record, _rejected(record))]
+    pixels = load_images(record, spec)
+  except ValueError as error:
+    raise ValueError(f"{record.get('where', '?')}: {error}") from error
+  num_images = np.asarray(_num_images(record), dtype=np.int32)
+  return dict(stack_examples(rows), images=np.stack([pixels, pixels]),
+              num_images=np.stack([num_images, num_images]))
+
+
+def empty_pair_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
+  """Two all-padding rows (see `empty_example`), for padding eval batches of pairs."""
+  return stack_examples([empty_example(spec)] * 2)
 
 
 def empty_example(spec: ExampleSpec) -> dict[str, np.ndarray]:

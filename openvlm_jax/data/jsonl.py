@@ -4,7 +4,8 @@ A record is one JSON object per line:
   {"id": ..., "image": "a.png" | ["a.png", "b.png"] (optional),
    "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}
 or, for questions to answer, {"id", "image", "question", "answer" (optional, the reference)},
-read as a one-turn conversation.
+read as a one-turn conversation, or, for preference training (DPO), turns up to the question
+(or a "prompt") with a "chosen" and a "rejected" answer.
 Image paths are relative to the JSONL file's folder and may not leave it.
 
 The source keeps only (file, byte offset, line number) per record and parses the line when
@@ -84,10 +85,15 @@ def record_fields(record: dict[str, Any], where: str,
 
   Returns:
     (`{"where", "id", "conversations", "question_type", "answer_kind"}`, image names); the
-    id is `default_id` when the record has none.
+    id is `default_id` when the record has none. A preference record (`chosen` and
+    `rejected`, see `preference_turns`) has the chosen answer in `conversations` and adds
+    `rejected_conversations`.
   """
   if 'conversations' not in record and 'question' in record:
     record = dict(record, conversations=question_turns(record, where))
+  rejected = None
+  if 'chosen' in record or 'rejected' in record:
+    record, rejected = preference_turns(record, where)
   if 'conversations' not in record:
     raise ValueError(f"{where}: 'conversations' is missing")
   if not isinstance(record['conversations'], list):
@@ -112,7 +118,33 @@ def record_fields(record: dict[str, Any], where: str,
       'question_type': question_type,
       'answer_kind': answer_kind,
   }
+  if rejected is not None:
+    fields['rejected_conversations'] = rejected
   return fields, images
+
+
+def preference_turns(record: dict[str, Any],
+                     where: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """A preference record's chosen conversation (as `conversations`) and its rejected one.
+
+  Two layouts: LLaVA turns up to the question plus `chosen` and `rejected` answers, or the
+  public image-preference layout `{"image", "prompt", "chosen", "rejected"}`. Either way the
+  two conversations share every turn but the last answer.
+  """
+  for key in ('chosen', 'rejected'):
+    if not isinstance(record.get(key), str):
+      raise ValueError(f"{where}: a preference record needs '{key}' as a string")
+  if 'conversations' in record:
+    turns = record['conversations']
+  elif isinstance(record.get('prompt'), str):
+    turns = [{'from': 'human', 'value': record['prompt']}]
+  else:
+    raise ValueError(f"{where}: a preference record needs 'prompt' or 'conversations'")
+  if not isinstance(turns, list) or not turns:
+    raise ValueError(f"{where}: 'conversations' must be a non-empty list of turns")
+  chosen = turns + [{'from': 'gpt', 'value': record['chosen']}]
+  rejected = turns + [{'from': 'gpt', 'value': record['rejected']}]
+  return dict(record, conversations=chosen), rejected
 
 
 def question_turns(record: dict[str, Any], where: str) -> list[dict[str, Any]]:

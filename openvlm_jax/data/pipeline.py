@@ -224,15 +224,17 @@ def load_records(
 
 def _example_or_skip(
     record: dict[str, Any], spec: examples_lib.ExampleSpec, on_bad_record: str,
-    logged: set[str]
+    logged: set[str], pairs: bool = False
 ) -> dict[str, Any] | None:
-  """`make_example`, or None (dropped downstream) on failure under 'skip'.
+  """`make_example` (`make_pair_example` with `pairs`), or None (dropped downstream) on
+  failure under 'skip'.
 
   A drop is logged the first time (`logged` holds the records already reported), not once
   per epoch.
   """
+  make = examples_lib.make_pair_example if pairs else examples_lib.make_example
   try:
-    return examples_lib.make_example(record, spec)
+    return make(record, spec)
   except ValueError as error:
     if on_bad_record == 'raise':
       raise UserError(str(error)) from error
@@ -268,17 +270,22 @@ def make_dataset(
     packing: bool = False,
     pack_max_images: int = 0,
     weights: Sequence[float] = (),
+    pairs: bool = False,
 ) -> grain.IterDataset:
   """Builds the Grain dataset of batches for this process (see `make_iterator`)."""
   spec = examples_lib.ExampleSpec(
       tokenizer=tokenizer, image_size=image_size, image_mean=tuple(image_mean),
       image_std=tuple(image_std), num_image_tokens=num_image_tokens, seq_len=seq_len,
       max_images=max_images)
+  if pairs and packing:
+    raise UserError('config.data.packing: preference pairs (DPO) are not packed')
   load = functools.partial(load_records, spec=spec, on_bad_record=on_bad_record,
                            shard_index=shard_index, shard_count=shard_count,
-                           decode_images=decode_images)
+                           decode_images=decode_images, check=check_for(pairs))
   if weights:
     parts = mixture_parts(files, weights)
+    if isinstance(bad_records, BadRecords):
+      raise ValueError('a mixture counts bad records per source: pass one BadRecords each')
     reports = list(bad_records) if bad_records is not None else [BadRecords() for _ in parts]
     if len(reports) != len(parts):
       raise ValueError(f'{len(parts)} mixture sources but {len(reports)} bad-record reports')
@@ -289,7 +296,7 @@ def make_dataset(
     dataset = _records(load(files, bad_records=bad_records), shuffle, seed, num_epochs)
   dataset = dataset.map(
       functools.partial(_example_or_skip, spec=spec, on_bad_record=on_bad_record,
-                        logged=set()))
+                        logged=set(), pairs=pairs))
   # Records mapped to None (skipped) are dropped here.
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))
   if worker_count > 0:
@@ -299,6 +306,11 @@ def make_dataset(
   if packing:
     dataset = pack_examples(dataset, spec, rows=batch_size, max_images=pack_max_images)
   return dataset.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def check_for(pairs: bool) -> Callable[..., Any]:
+  """How training records are validated: as conversations, or as preference pairs."""
+  return examples_lib.check_pair if pairs else examples_lib.check_record
 
 
 def mixture_parts(files: Sequence[str] | Any, weights: Sequence[float]) -> list[Any]:
@@ -390,7 +402,8 @@ def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator
       num_threads, on_bad_record ('skip' | 'raise'), shard_index, shard_count,
       drop_remainder, bad_records (a `BadRecords` to fill; one per source of a mixture),
       decode_images (see `load_records`), packing and pack_max_images (several examples per
-      row, see `pack_examples`), weights (one per entry of `files`: a mixture, see below).
+      row, see `pack_examples`), weights (one per entry of `files`: a mixture, see below),
+      pairs (preference records as chosen/rejected rows, `examples.make_pair_example`).
 
   With `weights`, each entry of `files` is its own source (validated, counted, sharded and
   shuffled on its own, with seed + its index) and Grain's `MapDataset.mix` interleaves them
@@ -403,7 +416,8 @@ def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator
       num_images int32 [batch]; prefix_len int32 [batch], the index of each row's first
       answer token (the prefix of `model.prefix_attention`). Packed rows hold segment ids
       in attention_mask, per-segment positions, per-token prefix_end [batch, seq_len], and
-      up to pack_max_images images.
+      up to pack_max_images images. With `pairs` every field has a [2] axis after the
+      batch axis: [batch, 2, seq_len], images [batch, 2, max_images, H, W, 3].
     It has `get_state()` / `set_state()` and works with `grain.checkpoint.CheckpointSave`.
     Call `close()` when done if worker_count > 0.
   """
@@ -426,6 +440,7 @@ def make_eval_batches(
     shard_count: int = 1,
     bad_records: BadRecords | None = None,
     decode_images: bool = True,
+    pairs: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields every (good) record of this shard once, in file order, in batches.
 
@@ -440,9 +455,10 @@ def make_eval_batches(
       max_images=max_images)
   source = load_records(
       files, spec, on_bad_record=on_bad_record, shard_index=shard_index,
-      shard_count=shard_count, bad_records=bad_records, decode_images=decode_images)
+      shard_count=shard_count, bad_records=bad_records, decode_images=decode_images,
+      check=check_for(pairs))
   yield from batches_of(source, range(len(source)), spec, batch_size,
-                        on_bad_record=on_bad_record)
+                        on_bad_record=on_bad_record, pairs=pairs)
 
 
 def batches_of(
@@ -453,34 +469,38 @@ def batches_of(
     *,
     num_batches: int | None = None,
     on_bad_record: str = 'skip',
+    pairs: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Batches of the validated records `source[i]`, i in `indices`, in order, padded.
 
   `num_batches` (default: as many as the records need) adds all-padding batches at the end,
-  so every process of a multi-host eval runs the same number of steps.
+  so every process of a multi-host eval runs the same number of steps. With `pairs`, each
+  record is a chosen/rejected pair (`examples.make_pair_example`).
   """
   rows, emitted, logged = [], 0, set()
   for index in indices:
-    example = _example_or_skip(source[index], spec, on_bad_record, logged)
+    example = _example_or_skip(source[index], spec, on_bad_record, logged, pairs)
     if example is None:
       continue
     rows.append(example)
     if len(rows) == batch_size:
-      yield _eval_batch(rows, spec, batch_size)
+      yield _eval_batch(rows, spec, batch_size, pairs)
       rows, emitted = [], emitted + 1
   if rows:
-    yield _eval_batch(rows, spec, batch_size)
+    yield _eval_batch(rows, spec, batch_size, pairs)
     emitted += 1
   for _ in range((num_batches or emitted) - emitted):
-    yield _eval_batch([], spec, batch_size)
+    yield _eval_batch([], spec, batch_size, pairs)
 
 
 def _eval_batch(
-    rows: list[dict[str, np.ndarray]], spec: examples_lib.ExampleSpec, batch_size: int
+    rows: list[dict[str, np.ndarray]], spec: examples_lib.ExampleSpec, batch_size: int,
+    pairs: bool = False
 ) -> dict[str, np.ndarray]:
   """Pads `rows` to `batch_size` with empty examples and adds `example_mask`."""
   num_real = len(rows)
-  rows = rows + [examples_lib.empty_example(spec)] * (batch_size - num_real)
+  empty = examples_lib.empty_pair_example if pairs else examples_lib.empty_example
+  rows = rows + [empty(spec)] * (batch_size - num_real)
   batch = examples_lib.stack_examples(rows)
   batch['example_mask'] = (np.arange(batch_size) < num_real).astype(np.float32)  # [batch]
   return batch

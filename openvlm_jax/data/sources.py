@@ -23,7 +23,12 @@ from openvlm_jax.data import jsonl
 
 
 def _dataset_and_split(spec: str) -> tuple[str, str | None] | None:
-  """('folder', split or None) when `spec` names a folder, optionally with ':split'."""
+  """('folder', split or None) when `spec` names a folder, optionally with ':split'.
+
+  A file is never a dataset, even with a ':' in its name.
+  """
+  if os.path.isfile(spec):
+    return None
   if os.path.isdir(spec):
     return spec, None
   folder, sep, split = spec.rpartition(':')
@@ -91,6 +96,11 @@ class ConcatSource:
 
   def __len__(self) -> int:
     return int(self._starts[-1])
+
+  @property
+  def images_decoded(self) -> bool:
+    """Whether every part's images were decoded at conversion (see `pipeline.load_records`)."""
+    return all(getattr(part, 'images_decoded', False) for part in self._parts)
 
   def _locate(self, index: int) -> tuple[Any, int]:
     if not 0 <= index < len(self):

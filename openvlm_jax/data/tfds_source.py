@@ -94,10 +94,12 @@ def _dataset_dir_or_none(folder: str) -> str | None:
     return folder
   versions = os.path.join(folder, DATASET_NAME)
   if os.path.isdir(versions):
-    found = sorted(name for name in os.listdir(versions)
-                   if os.path.isfile(os.path.join(versions, name, 'dataset_info.json')))
+    found = [name for name in os.listdir(versions)
+             if os.path.isfile(os.path.join(versions, name, 'dataset_info.json'))
+             and all(part.isdigit() for part in name.split('.'))]
     if found:
-      return os.path.join(versions, found[-1])
+      newest = max(found, key=lambda name: tuple(int(part) for part in name.split('.')))
+      return os.path.join(versions, newest)
   return None
 
 
@@ -132,6 +134,12 @@ class TfdsSource:
     self._dataset_dir = os.fspath(dataset_dir)
     self._split = split
     self._reader = None
+    builder = tfds.builder_from_directory(self._dataset_dir)
+    features = set(builder.info.features.keys()) if builder.info.features else set()
+    if builder.info.name != DATASET_NAME or not {'id', 'origin', 'record', 'images'} <= features:
+      raise UserError(f'{self._dataset_dir}: not written by this version of '
+                      '`python -m openvlm_jax.data.convert` (features: '
+                      f'{", ".join(sorted(features))}); convert the JSONL again')
     splits = split_names(self._dataset_dir)
     if split not in splits:
       raise UserError(f'{self._dataset_dir}: no split {split!r} (splits: {", ".join(splits)})')
@@ -157,8 +165,12 @@ class TfdsSource:
     return f'{self._dataset_dir}:{self._split}'
 
   def where(self, index: int) -> str:
-    """`dataset_dir:split[index]`."""
-    return f'{self.name}[{index}]'
+    """`dataset_dir:split[index] (from path:line)`, naming the JSONL line it came from."""
+    try:
+      origin = self.raw(index)['origin']
+    except Exception:  # noqa: BLE001  (an unreadable record still gets its index)
+      return f'{self.name}[{index}]'
+    return f'{self.name}[{index}] (from {origin})'
 
   def raw(self, index: int) -> dict[str, Any]:
     """Record `index` as stored: `id`, `origin`, `record` (JSON text) and `images` (bytes)."""
@@ -170,7 +182,7 @@ class TfdsSource:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     stored = self.raw(index)
-    where = f"{self.where(index)} (from {stored['origin']})"
+    where = f"{self.name}[{index}] (from {stored['origin']})"
     fields, names = jsonl.record_fields(jsonl.load_object(stored['record'], where), where,
                                         default_id=stored['id'])
     if len(names) != len(stored['images']):

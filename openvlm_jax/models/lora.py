@@ -250,6 +250,14 @@ def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(key, 'key', getattr(key, 'name', key))) for key in path)
 
 
+def without_adapters(params: Any) -> Any:
+  """`params` with every 'lora_b' set to zero: the adapters switched off, the base model as
+  it computes under LoRA (quantized kernels stay as stored). Other leaves are unchanged."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.zeros_like(leaf) if _path_names(path)[-1:] == ('lora_b',) else leaf,
+      params)
+
+
 def merge_params(params: Any, lora: LoraConfig) -> Any:
   """Unboxed params with every adapted kernel replaced by W + A B * alpha / rank, float32.
 

@@ -5,7 +5,8 @@ know of a loss:
   terms(batch, logits_fn) -> {name: float32 scalar}: SUMS over the batch's rows, so
       micro-batches and devices add up. `logits_fn(batch) -> [batch, seq, vocab]` runs the
       model; an objective that needs two sequences (DPO) or a reference forward calls it as
-      often as it needs. Rows whose `batch['example_mask']` is 0 (eval padding) add nothing.
+      often as it needs, `logits_fn(rows, reference=True)` for the starting model (no
+      gradient). Rows whose `batch['example_mask']` is 0 (eval padding) add nothing.
   counts(batch) -> {name: float32 scalar}: the normalizers, computed from the batch alone
       (target tokens for SFT, number tokens for NTL, pairs for DPO, ...); `terms` include them.
   loss: ((term, weight, count), ...): loss = sum(weight * sum(term) / sum(count)), sums over the
@@ -14,6 +15,7 @@ know of a loss:
   metrics(sums) -> {name: value}: what it reports, from summed terms (device arrays in the
       step, host floats in the eval); the first one is the headline of the closing line.
   shown: metrics that join the loss on the console's training line.
+  pairs, reference: the batches hold preference pairs; `terms` call the reference (dpo).
 A new objective is one file here with a `make(section, tokenizer) -> Objective`, added to
 `FACTORIES` (or `register`ed from outside, as the tests do).
 """
@@ -22,12 +24,13 @@ from collections.abc import Callable
 from typing import Any
 
 from openvlm_jax.console import UserError
-from openvlm_jax.objectives import quantitative, sft
+from openvlm_jax.objectives import dpo, quantitative, sft
 from openvlm_jax.objectives.contract import Objective
 
 FACTORIES: dict[str, Callable[[Any, Any], Objective]] = {
     'sft': sft.make,
     'quantitative': quantitative.make,
+    'dpo': dpo.make,
 }
 
 

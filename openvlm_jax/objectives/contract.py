@@ -20,6 +20,9 @@ class Objective:
       of micro-batches add up exactly.
   metrics: summed terms -> {name: value}; the first is the headline of the closing line.
   shown: metrics that join the loss on the console's training line.
+  pairs: batches hold preference pairs, every field [batch, 2, ...] (chosen, rejected).
+  reference: `terms` call `logits_fn(rows, reference=True)`, the starting model (LoRA
+      adapters off), which needs a run that trains only the adapters.
   """
 
   name: str
@@ -28,6 +31,8 @@ class Objective:
   loss: tuple[tuple[str, float, str], ...]
   metrics: Callable[[dict], dict]
   shown: tuple[str, ...] = ()
+  pairs: bool = False
+  reference: bool = False
 
   def loss_of(self, sums: Mapping, counts: Mapping | None = None) -> jax.Array:
     """sum(weight * sums[term] / max(counts[count], 1)); `counts` defaults to `sums`."""

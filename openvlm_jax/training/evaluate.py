@@ -110,7 +110,8 @@ class Evaluator:
     totals = {}
     for local_batch in pipeline.batches_of(self.eval_set.records, indices, self.eval_set.spec,
                                            self.local_batch_size, num_batches=num_batches,
-                                           on_bad_record=self.eval_set.on_bad_record):
+                                           on_bad_record=self.eval_set.on_bad_record,
+                                           pairs=self.objective.pairs):
       sums = self._run_eval_step(params, parallel.global_batch(local_batch, self.mesh))
       for name, value in jax.device_get(sums).items():
         totals[name] = totals.get(name, 0.0) + float(value)

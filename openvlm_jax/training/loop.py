@@ -104,12 +104,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     say(f'Config written to {workdir_lib.write_config(workdir, config)}')
   objective = objectives.get(config.objective, run.tokenizer)
   layout = setup.state_layout(run)
+  setup.check_objective_fits(run, objective, layout)
   trainable, optimizer, shardings = layout.trainable, layout.optimizer, layout.shardings
   # Eval data is validated now, before any training, under the same bad-record policy.
   evaluator = None
   if run.has_eval:
-    evaluator = setup.make_evaluator(run, setup.load_eval_set(run), objective, shardings.params)
-  train_iterator = setup.train_iterator(run)
+    evaluator = setup.make_evaluator(run, setup.load_eval_set(run, pairs=objective.pairs),
+                                     objective, shardings.params)
+  train_iterator = setup.train_iterator(run, pairs=objective.pairs)
 
   # ---- Restore or initialise -----------------------------------------------------------------
   saved = checkpoint.saved_steps(workdir)

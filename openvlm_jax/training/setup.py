@@ -282,8 +282,9 @@ def local_batch_size(run: Run) -> int:
   return global_size // jax.process_count()
 
 
-def train_iterator(run: Run) -> Iterator[dict]:
-  """The shuffled, repeating, checkpointable iterator over this process's training batches."""
+def train_iterator(run: Run, pairs: bool = False) -> Iterator[dict]:
+  """The shuffled, repeating, checkpointable iterator over this process's training batches
+  (of preference pairs with `pairs`, see `objectives.Objective.pairs`)."""
   data, spec = run.config.data, example_spec(run)
   if data.train_weights and len(data.train_weights) != len(run.train_files):
     raise UserError(f'config.data.train_weights: {len(data.train_weights)} weights for '
@@ -300,14 +301,41 @@ def train_iterator(run: Run) -> Iterator[dict]:
       num_image_tokens=spec.num_image_tokens, seq_len=spec.seq_len, max_images=spec.max_images,
       on_bad_record=data.on_bad_record, decode_images=data.decode_images,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      packing=data.packing, pack_max_images=data.pack_max_images)
+      packing=data.packing, pack_max_images=data.pack_max_images, pairs=pairs)
 
 
 def load_eval_set(run: Run, files: Sequence[str] | None = None,
-                  check: Callable[..., None] = examples_lib.check_record) -> evaluate.EvalSet:
-  """The run's eval records (or `files`), validated once under `data.on_bad_record`."""
+                  check: Callable[..., None] | None = None,
+                  pairs: bool = False) -> evaluate.EvalSet:
+  """The run's eval records (or `files`), validated once under `data.on_bad_record`, as
+  conversations or (`pairs`) as preference pairs, unless `check` says otherwise."""
   return evaluate.load_eval_set(run.eval_files if files is None else files, example_spec(run),
-                                on_bad_record=run.config.data.on_bad_record, check=check)
+                                on_bad_record=run.config.data.on_bad_record,
+                                check=check or pipeline.check_for(pairs))
+
+
+def check_objective_fits(run: Run, objective: objectives.Objective,
+                         layout: 'StateLayout') -> None:
+  """An objective that reads the reference model (DPO) needs LoRA and only adapters trained.
+
+  The reference is the run's own params with the adapters switched off; that is the
+  starting model only when nothing but the adapters moves.
+  """
+  if not objective.reference:
+    return
+  key = f'config.objective.name={objective.name!r}'
+  if run.vlm_config.lora is None:
+    raise UserError(f'{key} compares with the starting model, which is the adapters switched '
+                    'off: set config.lora.rank (e.g. 16) and its targets')
+  params = nn.unbox(state_lib.abstract_boxed_params(run.model, layout.example_inputs))
+  mask = layout.trainable(params)
+  moving = [name for name, trains in
+            ((jax.tree_util.keystr(path), trains)
+             for path, trains in jax.tree_util.tree_leaves_with_path(mask))
+            if trains and not name.endswith(("'lora_a']", "'lora_b']"))]
+  if moving:
+    raise UserError(f'{key} compares with the adapters switched off, so only adapters may '
+                    f'train; config.trainable also trains {moving[0]} (use config.trainable=())')
 
 
 def make_evaluator(run: Run, eval_set: evaluate.EvalSet, objective: objectives.Objective,

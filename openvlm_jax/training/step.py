@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.objectives import Objective
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training.state import TrainState
@@ -39,6 +40,20 @@ def model_logits(model: nn.Module, params, batch: dict, rngs: dict | None = None
   return model.apply({'params': params}, batch['input_ids'], batch['images'],
                      positions=batch['positions'], attention_mask=batch['attention_mask'],
                      rngs=rngs, **prefix)
+
+
+def logits_fn_of(model: nn.Module, params, rngs: dict | None = None) -> Callable:
+  """The `logits_fn(rows, reference=False)` objectives call (see `objectives`).
+
+  `reference=True` runs the starting model: `params` with their LoRA adapters switched off
+  (`lora.without_adapters`), without dropout and without a gradient.
+  """
+  def logits_fn(rows: dict, reference: bool = False) -> jax.Array:
+    if reference:
+      frozen = jax.lax.stop_gradient(lora_lib.without_adapters(params))
+      return jax.lax.stop_gradient(model_logits(model, frozen, rows))
+    return model_logits(model, params, rows, rngs)
+  return logits_fn
 
 
 def split_micro_batches(batch: dict, num_micro: int) -> dict:
@@ -86,7 +101,7 @@ def make_train_step(model: nn.Module, objective: Objective,
 
     def loss_share(train_params, batch):
       params = optimizer_lib.merge_trainable(train_params, frozen_params, mask)
-      terms = objective.terms(batch, lambda rows: model_logits(model, params, rows, rngs))
+      terms = objective.terms(batch, logits_fn_of(model, params, rngs))
       if shared_count is not None:  # divided by the count once, after accumulation
         return sum(weight * terms[term] for term, weight, _ in objective.loss), terms
       return objective.loss_of(terms, counts), terms
@@ -129,6 +144,6 @@ def make_eval_step(model: nn.Module, objective: Objective) -> Callable:
   """
 
   def eval_step(params, batch: dict) -> dict:
-    return objective.terms(batch, lambda rows: model_logits(model, params, rows))
+    return objective.terms(batch, logits_fn_of(model, params))
 
   return eval_step

@@ -1,6 +1,7 @@
 """Examples built from records: the prefix of a prefix LM (`prefix_len`)."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -92,3 +93,54 @@ def test_empty_example_and_batches_carry_prefix_len(tokenizer):
   assert batch['prefix_len'].dtype == np.int32 and batch['prefix_len'].shape == (4,)
   np.testing.assert_array_equal(batch['prefix_len'], [int(row['prefix_len']) for row in rows])
   assert batch['prefix_len'][-1] == 0
+
+
+def test_preference_records_of_both_layouts_become_chosen_and_rejected_rows(tmp_path, tokenizer):
+  from openvlm_jax.data import jsonl, pipeline  # pylint: disable=g-import-not-at-top
+  question = '<image>\nWhat is the sum of these digits?'
+  layouts = [{'image': 'a.png', 'prompt': question, 'chosen': '15', 'rejected': '13'},
+             {'image': 'a.png', 'conversations': [{'from': 'human', 'value': question}],
+              'chosen': '15', 'rejected': '13'}]
+  (tmp_path / 'a.png').write_bytes(_png(40))
+  spec = _spec(tokenizer)
+  examples = []
+  for line_no, layout in enumerate(layouts, start=1):
+    record = jsonl.parse_record(json.dumps(layout), str(tmp_path / 'p.jsonl'), line_no)
+    assert record['conversations'][-1] == {'from': 'gpt', 'value': '15'}
+    assert record['rejected_conversations'][-1] == {'from': 'gpt', 'value': '13'}
+    examples_lib.check_pair(record, spec)
+    examples.append(examples_lib.make_pair_example(record, spec))
+  for name in examples[0]:  # the two layouts give the same pair
+    np.testing.assert_array_equal(examples[0][name], examples[1][name], err_msg=name)
+  pair = examples[0]
+  assert pair['input_ids'].shape == (2, 96) and pair['images'].shape == (2, 2, 8, 8, 3)
+  np.testing.assert_array_equal(pair['images'][0], pair['images'][1])
+  # Same prompt, then the answers: each row's loss mask covers its own answer.
+  prefix = int(pair['prefix_len'][0])
+  assert int(pair['prefix_len'][1]) == prefix
+  np.testing.assert_array_equal(pair['input_ids'][0, :prefix], pair['input_ids'][1, :prefix])
+  answers = [tokenizer.decode(row[mask > 0]) for row, mask in
+             zip(pair['targets'], pair['loss_mask'])]
+  assert answers[0].startswith('15') and answers[1].startswith('13')
+  # Eval batches of pairs pad with empty pairs.
+  batch = pipeline._eval_batch([pair], spec, batch_size=2, pairs=True)
+  assert batch['input_ids'].shape == (2, 2, 96)
+  np.testing.assert_array_equal(batch['example_mask'], [1.0, 0.0])
+
+
+@pytest.mark.parametrize('record,reason', [
+    ({'prompt': 'Sum?', 'chosen': '15'}, "needs 'rejected' as a string"),
+    ({'chosen': '15', 'rejected': '13'}, "needs 'prompt' or 'conversations'"),
+    ({'prompt': 'Sum?', 'chosen': 15, 'rejected': '13'}, "needs 'chosen' as a string"),
+])
+def test_bad_preference_records_name_the_line(tmp_path, record, reason):
+  from openvlm_jax.data import jsonl  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=f'p.jsonl:3: a preference record {reason}'):
+    jsonl.parse_record(json.dumps(record), str(tmp_path / 'p.jsonl'), 3)
+
+
+def test_a_conversation_is_not_a_pair(tokenizer):
+  record = {'where': 'x:1', 'conversations': [{'from': 'human', 'value': 'Hi?'},
+                                              {'from': 'gpt', 'value': 'Hello.'}]}
+  with pytest.raises(ValueError, match="not a preference record: it needs 'chosen' and"):
+    examples_lib.check_pair(record, _spec(tokenizer))

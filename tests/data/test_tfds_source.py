@@ -109,7 +109,7 @@ def test_source_names_pick_the_split_or_say_which_exist(tmp_path, make_record, m
   assert isinstance(both, sources.ConcatSource) and len(both) == 8
   assert [both[i]['id'] for i in range(8)] == [f'r{i}' for i in range(6)] + ['r4', 'r5']
   assert both.where(0) == f'{train}:1'
-  assert both.where(4) == f'{folder}:eval[0]'
+  assert both.where(4) == f'{folder}:eval[0] (from {held_out}:1)'
   assert both.where(7) == f'{held_out}:2'
 
 
