@@ -11,6 +11,7 @@ here (it depends on the run's tokenizer): the run checks it when it loads the re
 A run reads the result with `--config.data.train_files=data/ar:train` (see `sources`).
 """
 
+import functools
 import json
 import os
 import sys
@@ -24,16 +25,16 @@ from openvlm_jax.data import images as images_lib
 from openvlm_jax.data import jsonl, pipeline, tfds_source
 
 
-def keyed_examples(split: str, files: Sequence[str], on_bad_record: str,
+def keyed_examples(split: str, files: Sequence[str], num_lines: int, on_bad_record: str,
                    bad_records: pipeline.BadRecords,
                    progress: tqdm.tqdm) -> Iterator[tfds_source.KeyedExample]:
-  """Yields (key, example) for the good records of `files`; counts the bad ones.
+  """Yields (key, example) for the good records of `files` (`num_lines` records in all);
+  counts the bad ones.
 
   Keys grow with the record's position, so the dataset keeps the JSONL order, and are spread
   over TFDS's 128-bit key range: its writer sorts large splits in 1000 buckets by key, and
   keys 0, 1, 2, ... would put a whole split in one bucket, sorted in memory.
   """
-  num_lines = sum(1 for path in files for _ in jsonl.iter_lines(path))
   key_step = 2**128 // max(num_lines, 1)
   kept = 0
   for path in files:
@@ -94,15 +95,15 @@ def convert_jsonl(split_files: Mapping[str, Sequence[str]], data_dir: str, *,
   if tfds_source.is_dataset(data_dir):
     raise UserError(f'{data_dir} already holds a converted dataset; remove it or choose '
                     'another --out')
-  total = sum(1 for files in split_files.values() for path in files
-              for _ in jsonl.iter_lines(path))
+  num_lines = {split: sum(1 for path in files for _ in jsonl.iter_lines(path))
+               for split, files in split_files.items()}
   bad = {split: pipeline.BadRecords() for split in split_files}
-  with tqdm.tqdm(total=total, unit='record', disable=not show_progress,
+  with tqdm.tqdm(total=sum(num_lines.values()), unit='record', disable=not show_progress,
                  dynamic_ncols=True) as progress:
-    make = lambda split: (lambda: keyed_examples(split, split_files[split], on_bad_record,
-                                                 bad[split], progress))
     folder = tfds_source.write_tfds_dataset(
-        {split: make(split) for split in split_files}, data_dir)
+        {split: functools.partial(keyed_examples, split, files, num_lines[split],
+                                  on_bad_record, bad[split], progress)
+         for split, files in split_files.items()}, data_dir)
   return folder, bad
 
 

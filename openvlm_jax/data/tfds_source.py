@@ -25,7 +25,7 @@ from openvlm_jax.data import jsonl
 DATASET_NAME = 'llava_records'
 
 # key, example: what a split's generator yields.
-KeyedExample = tuple[str, dict[str, Any]]
+KeyedExample = tuple[int, dict[str, Any]]
 
 
 class LlavaRecords(tfds.core.GeneratorBasedBuilder):

@@ -31,7 +31,11 @@ def flatten_pairs(batch: dict) -> dict:
 
 def answer_logps(logits: jax.Array, rows: dict) -> jax.Array:
   """Sum of the answer tokens' log-probabilities per row: [rows] float32."""
-  nll = sft.token_cross_entropy(logits, rows['targets'])  # [rows, seq]
+  return _answer_logps_of(sft.token_cross_entropy(logits, rows['targets']), rows)
+
+
+def _answer_logps_of(nll: jax.Array, rows: dict) -> jax.Array:
+  """[rows] answer log-probabilities from per-token NLL [rows, seq]."""
   return -jnp.sum(nll * rows['loss_mask'].astype(jnp.float32), axis=-1)
 
 
@@ -111,13 +115,13 @@ def make(section: Any, tokenizer: Any = None) -> Objective:
   def terms(batch: dict, logits_fn) -> dict:
     rows = flatten_pairs(batch)
     pairs = batch['input_ids'].shape[0]
-    logits = logits_fn(rows)  # [2 * pairs, seq, vocab]
-    policy = answer_logps(logits, rows).reshape(pairs, 2)
+    nll = sft.token_cross_entropy(logits_fn(rows), rows['targets'])  # [2 * pairs, seq]
+    policy = _answer_logps_of(nll, rows).reshape(pairs, 2)
     reference = answer_logps(logits_fn(rows, reference=True), rows).reshape(pairs, 2)
-    nll = sft.token_cross_entropy(logits, rows['targets']).reshape(batch['targets'].shape)
+    chosen_nll = nll.reshape(batch['targets'].shape)[:, 0]  # [pairs, seq]
     return dict(pair_terms(policy, jax.lax.stop_gradient(reference), sft.example_mask_of(batch),
                            beta=beta, label_smoothing=label_smoothing),
-                chosen_nll_sum=jnp.sum(nll[:, 0] * chosen_mask(batch)),
+                chosen_nll_sum=jnp.sum(chosen_nll * chosen_mask(batch)),
                 chosen_tokens=jnp.sum(chosen_mask(batch)))
 
   loss = (('dpo_sum', 1.0, 'num_pairs'),)

@@ -286,9 +286,6 @@ def train_iterator(run: Run, pairs: bool = False) -> Iterator[dict]:
   """The shuffled, repeating, checkpointable iterator over this process's training batches
   (of preference pairs with `pairs`, see `objectives.Objective.pairs`)."""
   data, spec = run.config.data, example_spec(run)
-  if data.train_weights and len(data.train_weights) != len(run.train_files):
-    raise UserError(f'config.data.train_weights: {len(data.train_weights)} weights for '
-                    f'{len(run.train_files)} train_files; give one weight per source')
   if data.worker_count > 0:
     console.say(f'data: {data.worker_count} Grain worker process(es) decode and preprocess '
                 f'images, {data.worker_buffer_size} example(s) ahead each')
@@ -329,10 +326,9 @@ def check_objective_fits(run: Run, objective: objectives.Objective,
                     'off: set config.lora.rank (e.g. 16) and its targets')
   params = nn.unbox(state_lib.abstract_boxed_params(run.model, layout.example_inputs))
   mask = layout.trainable(params)
-  moving = [name for name, trains in
-            ((jax.tree_util.keystr(path), trains)
-             for path, trains in jax.tree_util.tree_leaves_with_path(mask))
-            if trains and not name.endswith(("'lora_a']", "'lora_b']"))]
+  moving = [jax.tree_util.keystr(path)
+            for path, trains in jax.tree_util.tree_leaves_with_path(mask)
+            if trains and getattr(path[-1], 'key', None) not in lora_lib.LORA_PARAMS]
   if moving:
     raise UserError(f'{key} compares with the adapters switched off, so only adapters may '
                     f'train; config.trainable also trains {moving[0]} (use config.trainable=())')
