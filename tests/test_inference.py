@@ -130,3 +130,38 @@ def test_top_k_and_top_p_keep_the_right_tokens():
   sampling = inference.SamplingConfig(temperature=1.0, top_k=1)
   draws = inference.sample_tokens(logits, jax.random.key(0), sampling)
   np.testing.assert_array_equal(draws, [0, 3])
+
+
+@pytest.mark.parametrize('base_dtype,scan_layers', [('float32', True), ('nf4', True),
+                                                    ('float32', False)])
+def test_the_cached_decoder_runs_the_lora_adapters(tiny_llava, prompts, base_dtype,
+                                                   scan_layers):
+  """Trained adapters (B != 0) change the cached decoder's logits exactly as the forward's."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  from openvlm_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from openvlm_jax.models.config import LoraConfig  # pylint: disable=g-import-not-at-top
+  _, model, _ = tiny_llava
+  lora = LoraConfig(rank=4, alpha=8.0, targets=(r'llm/.*',), base_dtype=base_dtype)
+  lora_model = VLM(dataclasses.replace(model.config, lora=lora, scan_layers=scan_layers))
+  input_ids, attention_mask, images = prompts
+  params = nn.unbox(lora_model.init(jax.random.key(0), input_ids, images,
+                                    attention_mask=attention_mask)['params'])
+  params = jax.tree_util.tree_map_with_path(  # trained adapters: B away from zero
+      lambda path, leaf: leaf + 0.2 if 'lora_b' in jax.tree_util.keystr(path) else leaf, params)
+  forward = jax.jit(lambda p: lora_model.apply({'params': p}, input_ids, images,
+                                               attention_mask=attention_mask))
+  full = forward(params)
+  sampling = inference.SamplingConfig(max_new_tokens=1, pad_token_id=PAD)
+  first = inference.make_generate_fn(lora_model, sampling)(params, input_ids, attention_mask,
+                                                           images)['tokens'][:, 0]
+  np.testing.assert_array_equal(first, np.argmax(full[:, -1], axis=-1))
+  image_features = lora_model.apply({'params': params}, images, method=VLM.encode_images)
+  cache = inference.init_cache(model.config.llm, *input_ids.shape)
+  cached, _ = lora_model.apply(
+      {'params': params}, input_ids, positions=inference.positions_from_mask(attention_mask),
+      cache_mask=attention_mask, cache=cache, write_index=jnp.int32(0),
+      image_features=image_features, method=VLM.decode)
+  real = attention_mask > 0
+  np.testing.assert_allclose(np.asarray(cached)[real], np.asarray(full)[real], atol=2e-4)
+  base = forward(lora_lib.without_adapters(params))
+  assert np.abs(np.asarray(full) - np.asarray(base))[real].max() > 1e-2  # adapters matter

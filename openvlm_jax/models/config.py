@@ -100,6 +100,9 @@ class LoraConfig:
   targets: tuple[str, ...] = ()  # regexes over module paths like 'llm/layers/attention/q_proj'
   base_dtype: str = 'float32'  # frozen base kernel of targets: 'float32' | 'bf16' | 'int8' | 'nf4'
   projection_impl: str = 'xla'  # what the layers get is VLMConfig.layer_lora's; see LoraDense
+  # Put before a module's own path when matching `targets`: a layer applied on its own
+  # (the KV-cache decoder's) names where its parameters sit, e.g. 'llm/layers/'.
+  path_prefix: str = ''
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ projection, the attention itself and the output projection as separate methods s
 KV cache can sit between them.
 """
 
+import dataclasses
 import math
 from typing import Any
 
@@ -312,11 +313,14 @@ class LLM(nn.Module):
     allowed = attention.prefix_causal_mask(
         query_slots, jnp.arange(cache_len), prefix_len)  # [batch or 1, 1, chunk, cache_len]
     mask = allowed & cache_mask.astype(jnp.bool_)[:, None, None, :]  # [b, 1, chunk, cache_len]
-    layer = DecoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
-                         attention_impl=self.attention_impl, parent=None)
     params = self.variables['params']
 
-    def run_layer(hidden, layer_params, key_cache, value_cache):
+    def run_layer(hidden, layer_params, key_cache, value_cache, name='layers'):
+      # A free-standing layer; its LoRA targets are matched at the params' own path.
+      lora = self.lora and dataclasses.replace(
+          self.lora, path_prefix='/'.join(self.path + (name,)) + '/')
+      layer = DecoderLayer(cfg, dtype=self.dtype, param_dtype=self.param_dtype,
+                           attention_impl=self.attention_impl, lora=lora, parent=None)
       return layer.apply({'params': layer_params}, hidden, cos, sin, mask,
                          cache=(key_cache, value_cache, write_index))
 
@@ -330,7 +334,8 @@ class LLM(nn.Module):
       keys, values = [], []
       for index in range(cfg.num_layers):
         hidden, (key, value) = run_layer(hidden, params[f'layers_{index}'],
-                                         cache['key'][index], cache['value'][index])
+                                         cache['key'][index], cache['value'][index],
+                                         name=f'layers_{index}')
         keys.append(key)
         values.append(value)
       keys, values = jnp.stack(keys), jnp.stack(values)

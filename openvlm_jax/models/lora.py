@@ -43,6 +43,7 @@ def is_target(config: LoraConfig | None, module_path: str) -> bool:
   """Whether the Dense at `module_path` ('llm/layers/mlp/up_proj') gets adapters."""
   if config is None or config.rank <= 0:
     return False
+  module_path = config.path_prefix + module_path
   return any(re.fullmatch(pattern, module_path) for pattern in config.targets)
 
 
