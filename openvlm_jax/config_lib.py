@@ -291,7 +291,7 @@ CHOICES = {
     'model.vision.kind': ('clip', 'siglip'),
     'model.llm.family': ('llama', 'qwen2', 'mistral'),
     'lora.base_dtype': ('float32', 'bf16', 'int8', 'nf4'),
-    'objective.name': ('sft', 'quantitative', 'dpo'),
+    'objective.name': ('sft', 'quantitative', 'dpo', 'grpo'),
     'data.demo_task': ('read', 'sum', 'sum_pairs', 'charts'),
     'export.dtype': ('float32', 'bfloat16'),
     'export.format': ('merged', 'peft'),

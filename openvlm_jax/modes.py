@@ -43,7 +43,8 @@ def restored_evaluator(run: setup.Run, eval_set: evaluate.EvalSet,
   """(the run's evaluator over `eval_set`, the latest checkpoint's params, its step)."""
   layout = setup.state_layout(run)
   objective = objective or objectives.get(run.config.objective, run.tokenizer)
-  evaluator = setup.make_evaluator(run, eval_set, objective, layout.shardings.params)
+  evaluator = setup.make_evaluator(run, eval_set, objective, layout.shardings.params,
+                                   reference=setup.reference_params(run, objective, layout))
   params, step = restore_params(run, layout=layout)
   return evaluator, params, step
 

@@ -6,7 +6,30 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture
+def interrupted_run(monkeypatch):
+  """run(config, workdir, stop_step): trains and crashes right after saving `stop_step`
+  (the checkpoint is on disk, nothing after it ran), so a second `modes.train` resumes."""
+  from openvlm_jax import checkpoint, modes  # pylint: disable=g-import-not-at-top
+
+  def run(config, workdir, stop_step):
+    save = checkpoint.save
+
+    def save_then_stop(manager, step, *args, **kwargs):
+      save(manager, step, *args, **kwargs)
+      if step == stop_step:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+      patch.setattr(checkpoint, 'save', save_then_stop)
+      with pytest.raises(KeyboardInterrupt):
+        modes.train(config, workdir)
+
+  return run

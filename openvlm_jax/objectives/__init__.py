@@ -16,6 +16,7 @@ know of a loss:
       step, host floats in the eval); the first one is the headline of the closing line.
   shown: metrics that join the loss on the console's training line.
   pairs, reference: the batches hold preference pairs; `terms` call the reference (dpo).
+  rollouts: the loop samples and rewards answers to the data's prompts for each step (grpo).
 A new objective is one file here with a `make(section, tokenizer) -> Objective`, added to
 `FACTORIES` (or `register`ed from outside, as the tests do).
 """
@@ -24,13 +25,14 @@ from collections.abc import Callable
 from typing import Any
 
 from openvlm_jax.console import UserError
-from openvlm_jax.objectives import dpo, quantitative, sft
-from openvlm_jax.objectives.contract import Objective
+from openvlm_jax.objectives import dpo, grpo, quantitative, sft
+from openvlm_jax.objectives.contract import Objective, Rollouts
 
 FACTORIES: dict[str, Callable[[Any, Any], Objective]] = {
     'sft': sft.make,
     'quantitative': quantitative.make,
     'dpo': dpo.make,
+    'grpo': grpo.make,
 }
 
 
@@ -49,3 +51,17 @@ def get(section: Any, tokenizer: Any = None) -> Objective:
   if name not in FACTORIES:
     raise UserError(f'config.objective.name={name!r} is unknown; known: {sorted(FACTORIES)}')
   return FACTORIES[name]({} if isinstance(section, str) else section, tokenizer)
+
+
+def updates_per_step(section: Any) -> int:
+  """Optimizer updates per train step a `config.objective` asks for: GRPO's `num_updates`
+  (several updates on one rollout batch), else 1. The learning-rate schedule counts them."""
+  if isinstance(section, str) or section.get('name') != 'grpo':
+    return 1
+  return max(int(section.get('num_updates', 1)), 1)
+
+
+def for_evaluation(objective: Objective) -> Objective:
+  """The objective an eval reports: the objective itself, or SFT's teacher-forced metrics
+  of the reference answers for one trained on rollouts (its loss needs sampled answers)."""
+  return sft.make({}) if objective.rollouts is not None else objective

@@ -1,7 +1,7 @@
 """The `Objective` record: what the step and the loop know of a loss (see `objectives`)."""
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +21,10 @@ class Objective:
   metrics: summed terms -> {name: value}; the first is the headline of the closing line.
   shown: metrics that join the loss on the console's training line.
   pairs: batches hold preference pairs, every field [batch, 2, ...] (chosen, rejected).
-  reference: `terms` call `logits_fn(rows, reference=True)`, the starting model (LoRA
-      adapters off), which needs a run that trains only the adapters.
+  reference: `terms` call `logits_fn(rows, reference=True)`, the starting model: the LoRA
+      adapters switched off when only they train, else a frozen copy the loop keeps.
+  rollouts: the loop samples each step's batch from the policy (`Rollouts`, GRPO) instead of
+      training on the data's answers; the data then gives prompts and reference answers.
   """
 
   name: str
@@ -33,9 +35,31 @@ class Objective:
   shown: tuple[str, ...] = ()
   pairs: bool = False
   reference: bool = False
+  rollouts: 'Rollouts | None' = None
 
   def loss_of(self, sums: Mapping, counts: Mapping | None = None) -> jax.Array:
     """sum(weight * sums[term] / max(counts[count], 1)); `counts` defaults to `sums`."""
     counts = sums if counts is None else counts
     return sum(weight * sums[term] / jnp.maximum(counts[count], 1.0)
                for term, weight, count in self.loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+  """How the loop turns a batch of prompts into an on-policy batch (GRPO).
+
+  Each prompt gets `group_size` answers sampled from the current params (temperature,
+  top_k, top_p; up to `max_new_tokens`); `rewards` scores them and `advantages` compares
+  each answer with its group. The step then makes `num_updates` optimizer updates on them.
+  """
+
+  group_size: int
+  num_updates: int
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  # (answers, references, questions) -> (reward [n] float32, {reward name: values [n]})
+  rewards: Callable[[Sequence[str], Sequence[str], Sequence[str]], tuple]
+  # rewards [n] (groups of `group_size` in a row) -> advantages [n] float32
+  advantages: Callable

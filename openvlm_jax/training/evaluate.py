@@ -87,7 +87,8 @@ class Evaluator:
 
   def __init__(self, *, model: Any, objective: Objective, eval_set: EvalSet, mesh: Any,
                rules: Sequence[tuple], param_shardings: Any, local_batch_size: int,
-               sampling: inference.SamplingConfig, generate_batch_size: int, seed: int = 0):
+               sampling: inference.SamplingConfig, generate_batch_size: int, seed: int = 0,
+               reference_params: Any = None):
     self.eval_set = eval_set
     self.mesh = mesh
     self.local_batch_size = local_batch_size
@@ -95,8 +96,13 @@ class Evaluator:
     self.seed = seed
     self.tokenizer = eval_set.spec.tokenizer
     self.objective = objective
-    eval_step = jax.jit(step_lib.make_eval_step(model, objective),
-                        in_shardings=(param_shardings, parallel.batch_sharding(mesh)))
+    shardings = (param_shardings, parallel.batch_sharding(mesh))
+    if reference_params is None:
+      eval_step = jax.jit(step_lib.make_eval_step(model, objective), in_shardings=shardings)
+    else:  # the objective's reference is a frozen copy of the starting params
+      with_reference = jax.jit(step_lib.make_eval_step(model, objective),
+                               in_shardings=shardings + (param_shardings,))
+      eval_step = lambda params, batch: with_reference(params, batch, reference_params)
     self._run_eval_step = parallel.under_mesh(eval_step, mesh, rules)
     self._run_generate = parallel.under_mesh(inference.make_generate_fn(model, sampling), mesh,
                                              rules)

@@ -104,14 +104,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
     say(f'Config written to {workdir_lib.write_config(workdir, config)}')
   objective = objectives.get(config.objective, run.tokenizer)
   layout = setup.state_layout(run)
-  setup.check_objective_fits(run, objective, layout)
+  setup.check_objective_fits(run, objective)
   trainable, optimizer, shardings = layout.trainable, layout.optimizer, layout.shardings
+  reference = setup.reference_params(run, objective, layout)  # None: adapters off, or unread
   # Eval data is validated now, before any training, under the same bad-record policy.
   evaluator = None
   if run.has_eval:
     evaluator = setup.make_evaluator(run, setup.load_eval_set(run, pairs=objective.pairs),
-                                     objective, shardings.params)
+                                     objective, shardings.params, reference=reference)
   train_iterator = setup.train_iterator(run, pairs=objective.pairs)
+  rollouts = setup.make_rollout_maker(run, objective)  # GRPO: batches sampled each step
 
   # ---- Restore or initialise -----------------------------------------------------------------
   saved = checkpoint.saved_steps(workdir)
@@ -133,8 +135,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # ---- Compile -------------------------------------------------------------------------------
   train_step = jax.jit(
       step_lib.make_train_step(run.model, objective, optimizer, layout.schedule,
-                               config.optimizer.grad_accum_steps, trainable=trainable),
-      in_shardings=(shardings, parallel.batch_sharding(run.mesh)),
+                               config.optimizer.grad_accum_steps, trainable=trainable,
+                               num_updates=objectives.updates_per_step(config.objective)),
+      in_shardings=(shardings, parallel.batch_sharding(run.mesh),
+                    None if reference is None else shardings.params),
       out_shardings=(shardings, None), donate_argnums=0)
   # Traced under the mesh and rules, so the models' activation constraints take effect.
   train_step = parallel.under_mesh(train_step, run.mesh, config.logical_axis_rules)
@@ -145,15 +149,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(jax.device_get(state.step))
   progress = tqdm.tqdm(total=training.num_steps, initial=start_step, unit='step', dynamic_ncols=True,
                        disable=not training.progress_bar or jax.process_index() != 0)
-  window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+  window_tokens, window_steps, window_start, window_rollouts = 0, 0, time.perf_counter(), {}
   eval_metrics, eval_step_done, unchecked = {}, None, None
   try:
     for step in range(start_step + 1, training.num_steps + 1):
       local_batch = next(train_iterator)
+      if rollouts is not None:  # prompts -> sampled, rewarded answers of the current params
+        local_batch, rollout_stats = rollouts(state.params, local_batch, step)
+        for name, value in rollout_stats.items():
+          window_rollouts[name] = window_rollouts.get(name, 0.0) + value
       # Real tokens: attention_mask holds segment ids (1, 2, ... in a packed row, 0 at pads).
       window_tokens += int((local_batch['attention_mask'] > 0).sum()) * jax.process_count()
       window_steps += 1
-      state, metrics = train_step(state, parallel.global_batch(local_batch, run.mesh))
+      state, metrics = train_step(state, parallel.global_batch(local_batch, run.mesh),
+                                  reference)
       # The previous step is done by now; checking it does not stall the one just started.
       if unchecked is not None:
         check_finite(*unchecked, manager)
@@ -168,7 +177,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
         elapsed = time.perf_counter() - window_start
         scalars['tokens_per_second'] = window_tokens / elapsed
         scalars['seconds_per_step'] = elapsed / window_steps
-        window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+        scalars.update({name: total / window_steps for name, total in window_rollouts.items()})
+        window_tokens, window_steps, window_start, window_rollouts = (
+            0, 0, time.perf_counter(), {})
         logger.write(step, 'train', scalars)
         progress.set_postfix(loss=f"{scalars['loss']:.4f}",
                              tok_s=f"{scalars['tokens_per_second']:.0f}")

@@ -25,7 +25,7 @@ from openvlm_jax.hf import packaged
 from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.vlm import VLM
-from openvlm_jax.training import evaluate
+from openvlm_jax.training import evaluate, rollout
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training import state as state_lib
 
@@ -311,35 +311,52 @@ def load_eval_set(run: Run, files: Sequence[str] | None = None,
                                 check=check or pipeline.check_for(pairs))
 
 
-def check_objective_fits(run: Run, objective: objectives.Objective,
-                         layout: 'StateLayout') -> None:
-  """An objective that reads the reference model (DPO) needs LoRA and only adapters trained.
+def check_objective_fits(run: Run, objective: objectives.Objective) -> None:
+  """An objective trained on rollouts (GRPO) needs one example per row (no packing)."""
+  if objective.rollouts is not None and run.config.data.packing:
+    raise UserError(f'config.objective.name={objective.name!r} samples answers to one prompt '
+                    'per row; set config.data.packing=False')
 
-  The reference is the run's own params with the adapters switched off; that is the
-  starting model only when nothing but the adapters moves.
-  """
-  if not objective.reference:
-    return
-  key = f'config.objective.name={objective.name!r}'
+
+def only_adapters_train(run: Run, layout: 'StateLayout') -> bool:
+  """LoRA is on and nothing but its adapters trains: the params with the adapters switched off
+  are then the starting model at every step."""
   if run.vlm_config.lora is None:
-    raise UserError(f'{key} compares with the starting model, which is the adapters switched '
-                    'off: set config.lora.rank (e.g. 16) and its targets')
+    return False
   params = nn.unbox(state_lib.abstract_boxed_params(run.model, layout.example_inputs))
-  mask = layout.trainable(params)
-  moving = [jax.tree_util.keystr(path)
-            for path, trains in jax.tree_util.tree_leaves_with_path(mask)
-            if trains and getattr(path[-1], 'key', None) not in lora_lib.LORA_PARAMS]
-  if moving:
-    raise UserError(f'{key} compares with the adapters switched off, so only adapters may '
-                    f'train; config.trainable also trains {moving[0]} (use config.trainable=())')
+  return not any(trains and getattr(path[-1], 'key', None) not in lora_lib.LORA_PARAMS
+                 for path, trains in jax.tree_util.tree_leaves_with_path(layout.trainable(params)))
+
+
+def reference_params(run: Run, objective: objectives.Objective,
+                     layout: 'StateLayout') -> Optional[Any]:
+  """The frozen starting params an objective's reference reads (DPO; GRPO with beta > 0), or
+  None when it reads none or the adapters switched off are the starting model (LoRA with only
+  adapters training: no second copy in memory).
+
+  The copy is what the run starts from, also when it resumes: the `model.init_from` /
+  stage-1 weights, or the seed's initialisation.
+  """
+  if not objective.reference or only_adapters_train(run, layout):
+    return None
+  params = pretrained_params(run, layout.shardings.params)
+  if params is None:  # from scratch: the train state's own initialisation
+    init = lambda key: nn.unbox(run.model.init(key, **layout.example_inputs)['params'])
+    params = jax.jit(init, out_shardings=layout.shardings.params)(jax.random.key(run.config.seed))
+  count = sum(leaf.size for leaf in jax.tree.leaves(params))
+  console.say(f'reference: a frozen copy of the starting params ({count / 1e6:.2f}M parameters)')
+  return params
 
 
 def make_evaluator(run: Run, eval_set: evaluate.EvalSet, objective: objectives.Objective,
-                   param_shardings: Any) -> evaluate.Evaluator:
-  """The run's evaluator over `eval_set`: one eval step and one generate function."""
+                   param_shardings: Any, reference: Any = None) -> evaluate.Evaluator:
+  """The run's evaluator over `eval_set`: one eval step and one generate function. A GRPO
+  run is evaluated with SFT's metrics (`objectives.for_evaluation`); `reference` is the
+  frozen starting params of `reference_params`, if any."""
   config = run.config
   return evaluate.Evaluator(
-      model=run.model, objective=objective, eval_set=eval_set, mesh=run.mesh,
+      model=run.model, objective=objectives.for_evaluation(objective), eval_set=eval_set,
+      mesh=run.mesh, reference_params=reference,
       rules=config.logical_axis_rules, param_shardings=param_shardings,
       local_batch_size=local_batch_size(run),
       sampling=inference.sampling_from_config(config.predict, run.tokenizer),
@@ -407,10 +424,21 @@ def state_layout(run: Run) -> StateLayout:
   """The run's trainable mask, optimizer, schedule and train-state shardings."""
   config = run.config
   trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))
-  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, config.training.num_steps,
-                                                     trainable)
+  num_updates = config.training.num_steps * objectives.updates_per_step(config.objective)
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, num_updates, trainable)
   inputs = example_inputs(run)
   shardings = state_lib.state_shardings(run.model, optimizer, inputs, run.mesh,
                                         config.logical_axis_rules)
   return StateLayout(trainable=trainable, optimizer=optimizer, schedule=schedule,
                      example_inputs=inputs, shardings=shardings)
+
+
+def make_rollout_maker(run: Run, objective: objectives.Objective) -> rollout.RolloutMaker | None:
+  """The run's sampler of on-policy batches, for an objective trained on rollouts (GRPO)."""
+  if objective.rollouts is None:
+    return None
+  config = run.config
+  return rollout.RolloutMaker(model=run.model, rollouts=objective.rollouts,
+                              tokenizer=run.tokenizer, mesh=run.mesh,
+                              rules=config.logical_axis_rules, seq_len=config.data.seq_len,
+                              seed=config.seed)

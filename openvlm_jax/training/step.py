@@ -10,6 +10,7 @@ import optax
 
 from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.objectives import Objective
+from openvlm_jax.objectives import sft as sft_lib
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training.state import TrainState
 
@@ -42,16 +43,19 @@ def model_logits(model: nn.Module, params, batch: dict, rngs: dict | None = None
                      rngs=rngs, **prefix)
 
 
-def logits_fn_of(model: nn.Module, params, rngs: dict | None = None) -> Callable:
+def logits_fn_of(model: nn.Module, params, rngs: dict | None = None,
+                 reference_params=None) -> Callable:
   """The `logits_fn(rows, reference=False)` objectives call (see `objectives`).
 
-  `reference=True` runs the starting model: `params` with their LoRA adapters switched off
-  (`lora.without_adapters`), without dropout and without a gradient.
+  `reference=True` runs the starting model, without dropout and without a gradient:
+  `reference_params` (a frozen copy) when given, else `params` with their LoRA adapters
+  switched off (`lora.without_adapters`), which is the starting model when only adapters train.
   """
   def logits_fn(rows: dict, reference: bool = False) -> jax.Array:
     if reference:
-      frozen = jax.lax.stop_gradient(lora_lib.without_adapters(params))
-      return jax.lax.stop_gradient(model_logits(model, frozen, rows))
+      frozen = (lora_lib.without_adapters(params) if reference_params is None
+                else reference_params)
+      return jax.lax.stop_gradient(model_logits(model, jax.lax.stop_gradient(frozen), rows))
     return model_logits(model, params, rows, rngs)
   return logits_fn
 
@@ -71,7 +75,8 @@ def split_micro_batches(batch: dict, num_micro: int) -> dict:
 
 def make_train_step(model: nn.Module, objective: Objective,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    grad_accum_steps: int = 1, trainable: Callable | None = None) -> Callable:
+                    grad_accum_steps: int = 1, trainable: Callable | None = None,
+                    num_updates: int = 1) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics).
 
   The objective's counts (its normalizers) are taken over the whole global batch first; each
@@ -83,25 +88,33 @@ def make_train_step(model: nn.Module, objective: Objective,
   differentiated and updated; frozen ones enter the loss as constants. The metrics are the
   objective's, plus `loss`, `grad_norm`, `learning_rate` and `finite` (False when the loss or
   the gradient norm is not finite).
+
+  `train_step(state, batch, reference_params)` takes a frozen copy of the starting params for
+  an objective's reference (see `logits_fn_of`); without it (None) the reference is the
+  params with the adapters off.
+
+  With `num_updates` > 1 (GRPO reusing one rollout batch) the step makes that many optimizer
+  updates on the same batch; `batch['old_logps']` [batch, seq] then holds the answer tokens'
+  log-probs under the params the step started from, and the metrics are the updates' means.
+  The schedule counts updates: update u of step s is number s * num_updates + u.
   """
   trainable = trainable or optimizer_lib.all_trainable
+  lora = getattr(getattr(model, 'config', None), 'lora', None)
+  shared_count = {count for _, _, count in objective.loss}
+  shared_count = shared_count.pop() if len(shared_count) == 1 else None
 
-  def train_step(state: TrainState, batch: dict):
-    mask = trainable(state.params)  # Python bools: static under jit
-    train_params, frozen_params = optimizer_lib.split_trainable(state.params, mask)
+  def update(params, opt_state, batch: dict, counter: jax.Array, reference_params):
+    """One optimizer update of `params` on `batch`; `counter` numbers it (dropout, lr)."""
+    mask = trainable(params)  # Python bools: static under jit
+    train_params, frozen_params = optimizer_lib.split_trainable(params, mask)
     counts = objective.counts(batch)  # the global batch's normalizers
-
-    lora = getattr(getattr(model, 'config', None), 'lora', None)
     rngs = None
     if lora is not None and lora.dropout > 0:
-      rngs = {'dropout': jax.random.fold_in(jax.random.key(0), state.step)}
-
-    shared_count = {count for _, _, count in objective.loss}
-    shared_count = shared_count.pop() if len(shared_count) == 1 else None
+      rngs = {'dropout': jax.random.fold_in(jax.random.key(0), counter)}
 
     def loss_share(train_params, batch):
       params = optimizer_lib.merge_trainable(train_params, frozen_params, mask)
-      terms = objective.terms(batch, logits_fn_of(model, params, rngs))
+      terms = objective.terms(batch, logits_fn_of(model, params, rngs, reference_params))
       if shared_count is not None:  # divided by the count once, after accumulation
         return sum(weight * terms[term] for term, weight, _ in objective.loss), terms
       return objective.loss_of(terms, counts), terms
@@ -121,29 +134,43 @@ def make_train_step(model: nn.Module, objective: Objective,
       denominator = jnp.maximum(counts[shared_count], 1.0)
       grads = jax.tree.map(lambda grad: grad / denominator, grads)
       loss = loss / denominator
-    updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
+    updates, opt_state = optimizer.update(grads, opt_state, train_params)
     params = optimizer_lib.merge_trainable(
         optax.apply_updates(train_params, updates), frozen_params, mask)
     grad_norm = optax.tree.norm(grads)
-    metrics = dict(
-        objective.metrics(terms), loss=loss, grad_norm=grad_norm,
-        learning_rate=schedule(state.step),
-        # The loop stops on a False here and saves nothing of this step.
-        finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-    )
+    metrics = dict(objective.metrics(terms), loss=loss, grad_norm=grad_norm,
+                   learning_rate=schedule(counter))
+    return params, opt_state, metrics
+
+  def train_step(state: TrainState, batch: dict, reference_params=None):
+    params, opt_state = state.params, state.opt_state
+    if num_updates > 1:
+      logits = model_logits(model, params, batch)
+      batch = dict(batch, old_logps=jax.lax.stop_gradient(
+          -sft_lib.token_cross_entropy(logits, batch['targets'])))
+    history = []
+    for index in range(num_updates):  # a few, unrolled
+      params, opt_state, metrics = update(params, opt_state, batch,
+                                          state.step * num_updates + index, reference_params)
+      history.append(metrics)
+    metrics = jax.tree.map(lambda *values: jnp.mean(jnp.stack(values)), *history)
+    # The loop stops on a False here and saves nothing of this step.
+    metrics['finite'] = jnp.all(jnp.stack([jnp.isfinite(m['loss']) & jnp.isfinite(m['grad_norm'])
+                                           for m in history]))
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
 def make_eval_step(model: nn.Module, objective: Objective) -> Callable:
-  """Returns eval_step(params, batch) -> the objective's summed terms over the batch.
+  """Returns eval_step(params, batch, reference_params=None) -> the objective's summed terms
+  over the batch (`reference_params` as in `make_train_step`).
 
   `batch['example_mask']` marks real rows in a padded last batch; the objective counts only
   those.
   """
 
-  def eval_step(params, batch: dict) -> dict:
-    return objective.terms(batch, logits_fn_of(model, params))
+  def eval_step(params, batch: dict, reference_params=None) -> dict:
+    return objective.terms(batch, logits_fn_of(model, params, reference_params=reference_params))
 
   return eval_step

@@ -154,7 +154,7 @@ def test_a_train_step_on_pairs_raises_the_margin_through_the_policy_only():
     np.testing.assert_array_equal(before, after)
 
 
-def test_dpo_needs_lora_with_only_the_adapters_training(tmp_path):
+def test_the_reference_is_a_frozen_copy_unless_only_adapters_train(tmp_path):
   from configs import dpo as dpo_config  # pylint: disable=g-import-not-at-top
   from openvlm_jax.training import setup  # pylint: disable=g-import-not-at-top
   config = dpo_config.get_config()
@@ -164,15 +164,50 @@ def test_dpo_needs_lora_with_only_the_adapters_training(tmp_path):
     config.lora.rank = 0
   run = setup.make_run(config, str(tmp_path))
   objective = objectives.get(config.objective, run.tokenizer)
-  with pytest.raises(UserError, match=r"'dpo' compares with the starting model.*config.lora.rank"):
-    setup.check_objective_fits(run, objective, setup.state_layout(run))
+  layout = setup.state_layout(run)
+  reference = setup.reference_params(run, objective, layout)  # no LoRA: a copy
+  state = state_lib.create_train_state(run.model, layout.optimizer, layout.example_inputs,
+                                       layout.shardings, jax.random.key(config.seed))
+  for copy, start in zip(jax.tree.leaves(reference), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(copy, start)  # the train state's own starting params
   with config.unlocked():
     config.lora.rank = 4
+  run = setup.make_run(config, str(tmp_path))
+  assert setup.reference_params(run, objective, setup.state_layout(run)) is None  # adapters off
+  with config.unlocked():
     config.trainable = config_lib.RECIPES['lora']  # adapters and the projector
   run = setup.make_run(config, str(tmp_path))
-  with pytest.raises(UserError, match=r'only adapters may train; config.trainable also trains '
-                                      r"\['projector'\]"):
-    setup.check_objective_fits(run, objective, setup.state_layout(run))
+  assert setup.reference_params(run, objective, setup.state_layout(run)) is not None
+
+
+def test_a_full_fine_tuning_dpo_step_reads_the_frozen_copy():
+  config = sft.get_config('model=tiny')
+  vlm_config = config_lib.build_vlm_config(config.model, vocab_size=VOCAB,
+                                           image_token_id=IMAGE_TOKEN)
+  model = vlm.VLM(vlm_config)
+  config.optimizer.lr, config.optimizer.warmup_steps = 3e-3, 0
+  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, 100)
+  example = {name: value[:1] for name, value in _rows(vlm_config, 1).items()
+             if name in step_lib.MODEL_INPUTS}
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  shardings = state_lib.state_shardings(model, optimizer, example, mesh, config.logical_axis_rules)
+  state = state_lib.create_train_state(model, optimizer, example, shardings, jax.random.key(0))
+  reference = jax.tree.map(jnp.copy, state.params)
+  objective = objectives.get(ml_collections.ConfigDict({'name': 'dpo', 'beta': 0.5}))
+  train_step = jax.jit(step_lib.make_train_step(model, objective, optimizer, schedule))
+  batch = _pairs(model.config, 4)
+  history = []
+  for _ in range(6):
+    state, metrics = train_step(state, batch, reference)
+    history.append({name: float(value) for name, value in metrics.items()})
+  np.testing.assert_allclose(history[0]['loss'], np.log(2.0), rtol=1e-5)  # policy = copy
+  assert history[-1]['reward_margin'] > 0.5 and history[-1]['loss'] < 0.5 * np.log(2.0)
+  # Every parameter trained, so only the copy still holds the start: the margin is measured
+  # against it (with no copy, the adapter-less params would be the policy itself: margin 0).
+  sums = jax.jit(step_lib.make_eval_step(model, objective))(state.params, batch, reference)
+  assert float(objective.metrics(sums)['reward_margin']) > 0.5
+  sums = jax.jit(step_lib.make_eval_step(model, objective))(state.params, batch)
+  np.testing.assert_allclose(objective.metrics(sums)['reward_margin'], 0.0, atol=1e-5)
 
 
 def test_sft_weight_adds_the_chosen_answers_cross_entropy_per_chosen_token():

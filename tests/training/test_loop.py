@@ -1,9 +1,11 @@
 """The loop with bad eval data: validated up front, skipped and counted, one set for both evals."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -170,3 +172,40 @@ def test_the_quantitative_run_logs_its_number_token_loss(files, tmp_path):
     rows = [json.loads(line) for line in f]
   assert all(np.isfinite(row['ntl']) and row['ntl'] > 0 for row in rows)
   assert {row['split'] for row in rows} == {'train', 'eval'}
+
+
+def _pair_file(train_file, name, count=64):
+  """Preference pairs from digit records: the true digit chosen, the next digit rejected
+  (written beside `train_file`, whose folder holds the images)."""
+  path = os.path.join(os.path.dirname(train_file), name)
+  with open(train_file) as f:
+    records = [json.loads(line) for line, _ in zip(f, range(count))]
+  with open(path, 'w') as f:
+    for record in records:
+      answer = record['conversations'][-1]['value']
+      f.write(json.dumps(dict(record, conversations=record['conversations'][:-1], chosen=answer,
+                              rejected=str((int(answer) + 1) % 10))) + '\n')
+  return str(path)
+
+
+def test_a_dpo_run_resumes_exactly(files, tmp_path, interrupted_run):
+  pairs = _pair_file(files[0], 'pairs.jsonl')
+  config = _config(pairs, pairs)
+  config.objective = ml_collections.ConfigDict({'name': 'dpo', 'beta': 0.5, 'sft_weight': 0.5})
+  config.lora.rank, config.lora.targets, config.trainable = 4, (r'llm/.*',), ()
+  config.optimizer.warmup_steps = 0
+  config.training.num_steps, config.training.log_every = 4, 1
+  config.training.checkpoint_every, config.training.eval_every = 2, 4
+  config.training.eval_generate = False
+  straight = modes.train(config, str(tmp_path / 'straight'))
+  interrupted_run(config, str(tmp_path / 'resumed'), stop_step=2)
+  resumed = modes.train(config, str(tmp_path / 'resumed'))
+  rows = {}
+  for name in ('straight', 'resumed'):
+    with open(tmp_path / name / 'metrics.jsonl') as f:
+      rows[name] = {row['step']: row for row in map(json.loads, f) if row['split'] == 'train'}
+  for step in (3, 4):
+    for key in ('loss', 'reward_margin', 'preference_accuracy', 'grad_norm'):
+      assert rows['resumed'][step][key] == rows['straight'][step][key], (step, key)
+  assert rows['straight'][4]['reward_margin'] != 0
+  assert resumed == straight
