@@ -6,7 +6,7 @@ weights. A rollout answers `prompts` image + text prompts `group` times each by 
 (temperature 1, every token kept, a fixed number of new tokens: no early stop): ours is the
 jitted KV-cache sampler, the peer is transformers' `generate(do_sample=True)`, the rollout
 path of TRL's GRPOTrainer without vLLM. An update is one GRPO step on those rows with LoRA
-rank 16 on every LLM projection: the policy forward and backward, the reference forward
+rank 16 on the 7 projections of every decoder layer: the policy forward and backward, the reference forward
 with the adapters off (beta 0.04, k3), AdamW; ours is `make_train_step` with the `grpo`
 objective, the peer the same loss written in torch over a peft model (`disable_adapter()`
 for the reference, as TRL does). Timed in alternation in one process; medians. Prints a
@@ -50,7 +50,8 @@ PROJECTIONS = r'.*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_pr
 
 def our_update(vlm_config, float_params, rows):
   """run_one_update() for our jitted GRPO step with LoRA r16 on the LLM."""
-  lora_config = LoraConfig(rank=16, alpha=32.0, targets=(r'llm/.*',))
+  # The decoder layers' 7 projections, as the peft side (not the lm_head).
+  lora_config = LoraConfig(rank=16, alpha=32.0, targets=(r'llm/layers/.*',))
   model = VLM(dataclasses.replace(vlm_config, lora=lora_config))
   example = {name: rows[name][:1] for name in step_lib.MODEL_INPUTS}
   abstract = nn.unbox(state_lib.abstract_boxed_params(model, example))

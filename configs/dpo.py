@@ -47,7 +47,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.objective.label_smoothing = 0.0
   config.objective.sft_weight = float(preset['sft_weight'])  # + alpha * CE of chosen (RPO)
 
-  # LoRA rank 16 on every LLM projection; nothing else trains, so the adapters switched off
+  # LoRA rank 16 on every LLM Dense layer (the lm_head too); nothing else trains, so the adapters switched off
   # are exactly the starting model (the reference: no second copy in memory).
   config.lora.rank, config.lora.alpha = 16, 32.0
   config.lora.targets = (r'llm/.*',)

@@ -17,8 +17,8 @@ log also has reward_std (within groups), flat_groups (groups with one reward for
 signal), clip_fraction, answer_tokens and rollout_tokens_per_second. The eval generates
 greedy answers to the held-out images and scores them (relaxed accuracy, exact match). Your
 own data: LLaVA JSONL whose first answer is the reference (`--config.data.train_files`).
-Presets: `steps=`, `group=` (answers per prompt), `beta=`, `reward=` (numeric | relaxed |
-exact).
+Presets: `model=`, `steps=`, `group=` (answers per prompt), `beta=`, `reward=` (numeric |
+relaxed | exact).
 
 Measured on 2 CPU cores from the sum recipe at 2000 steps (held-out generated relaxed
 accuracy 0.3667), 200 steps in 3 min 14 s, one seed: training reward 0.908 -> 0.913 (first
@@ -33,10 +33,11 @@ from openvlm_jax import config_lib
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """Returns the GRPO config; `arg` holds presets as 'key=value,key=value'."""
-  preset = config_lib.parse_preset(arg, steps=200, group=8, beta=0.04, reward='numeric')
+  preset = config_lib.parse_preset(arg, model='demo', steps=200, group=8, beta=0.04,
+                                   reward='numeric')
   # Model, vision and sequence sizes: the sum recipe's (prefix attention, 32 px, 16 image
   # tokens), so its exported folder loads as it was trained.
-  config = quantitative.get_config()
+  config = quantitative.get_config(f"model={preset['model']}")
   config.unlock()
   config.data.batch_size = 16  # prompts per step; x group_size answers = the update batch
 
@@ -58,7 +59,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.objective.top_k = 0
   config.objective.top_p = 1.0
 
-  # LoRA rank 16 on every LLM projection; nothing else trains, so the adapters switched off
+  # LoRA rank 16 on every LLM Dense layer (the lm_head too); nothing else trains, so the adapters switched off
   # are exactly the starting model (the KL's reference: no second copy in memory).
   config.lora.rank, config.lora.alpha = 16, 32.0
   config.lora.targets = (r'llm/.*',)

@@ -58,12 +58,25 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """Picks one token per row from logits [batch, vocab]. Returns int32 [batch]."""
+  """Picks one token per row from logits [batch, vocab]. Returns int32 [batch].
+
+  `rng` is one key for the batch, or [batch] keys (row i samples with key i alone).
+  """
   if sampling.temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / sampling.temperature, top_k=sampling.top_k,
                          top_p=sampling.top_p)
+  if rng.ndim:
+    return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def split_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(next, now) from one key or from [batch] keys, each row's split on its own."""
+  if rng.ndim:
+    pairs = jax.vmap(jax.random.split)(rng)  # [batch, 2]
+    return pairs[:, 0], pairs[:, 1]
+  return tuple(jax.random.split(rng))
 
 
 def make_generate_fn(model: VLM, sampling: SamplingConfig,
@@ -79,7 +92,9 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig,
     input_ids: [batch, prompt_len] int32 prompts, LEFT-padded, image tokens expanded.
     attention_mask: [batch, prompt_len], 1 at real prompt tokens.
     images: [batch, max_images, H, W, 3] float32 or None.
-    rng: a PRNG key for sampling (unused when greedy).
+    rng: a PRNG key for sampling (unused when greedy); or one per row, [batch] keys or their
+      uint32 `jax.random.key_data` [batch, 2], so that a row's answer does not depend on
+      the rows beside it (GRPO's rollouts, see `training.rollout`).
 
   Returns of the returned function:
     `tokens` int32 [batch, max_new_tokens] (the stop token included, then `pad_token_id`)
@@ -93,6 +108,8 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig,
     variables = {'params': params}
     batch, prompt_len = input_ids.shape
     rng = jax.random.key(0) if rng is None else rng
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.wrap_key_data(rng)  # raw [batch, 2] key data: one key per row
     image_features = None
     if images is not None:
       image_features = model.apply(variables, images, method=VLM.encode_images)
@@ -109,7 +126,7 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig,
         variables, input_ids, positions=positions, cache_mask=cache_mask, cache=cache,
         write_index=jnp.int32(0), image_features=image_features, prefix_len=prefix_len,
         method=VLM.decode)
-    rng, step_rng = jax.random.split(rng)
+    rng, step_rng = split_key(rng)
     first_token = sample_tokens(logits[:, -1], step_rng, sampling)
 
     def keep_going(carry):
@@ -129,7 +146,7 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig,
       logits, cache = model.apply(
           variables, token[:, None], positions=position[:, None], cache_mask=cache_mask,
           cache=cache, write_index=slot, prefix_len=prefix_len, method=VLM.decode)
-      rng, step_rng = jax.random.split(rng)
+      rng, step_rng = split_key(rng)
       next_token = sample_tokens(logits[:, 0], step_rng, sampling)
       return (step + 1, next_token, position + 1, cache, cache_mask, done, tokens, num_tokens,
               rng)

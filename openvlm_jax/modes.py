@@ -40,11 +40,18 @@ def restore_params(run: setup.Run, step: int = -1, layout: setup.StateLayout | N
 
 def restored_evaluator(run: setup.Run, eval_set: evaluate.EvalSet,
                        objective: objectives.Objective | None = None):
-  """(the run's evaluator over `eval_set`, the latest checkpoint's params, its step)."""
+  """(the run's evaluator over `eval_set`, the latest checkpoint's params, its step).
+
+  With `objective` (an eval), the evaluator computes its metrics, and gets the frozen
+  reference copy if they read one; without (predict), it only generates.
+  """
   layout = setup.state_layout(run)
+  reference = None
+  if objective is not None and objectives.for_evaluation(objective).reference:
+    reference = setup.reference_params(run, objective, layout)
   objective = objective or objectives.get(run.config.objective, run.tokenizer)
   evaluator = setup.make_evaluator(run, eval_set, objective, layout.shardings.params,
-                                   reference=setup.reference_params(run, objective, layout))
+                                   reference=reference)
   params, step = restore_params(run, layout=layout)
   return evaluator, params, step
 

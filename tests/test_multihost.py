@@ -24,6 +24,19 @@ NUM_STEPS, BATCH = 3, 8
 TIMEOUT_S = 240  # a bound, not the expected time (about a minute on an idle 2-core machine)
 # Cheaper XLA CPU compiles; both runs use them, so they still compare like for like.
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+SFT_ARGS = ('--config=configs/sft.py:model=tiny',)
+# GRPO on the same 8 prompts, 2 answers each, rewarded by their length (below), over which an
+# untrained model's answers spread, so advantages and updates are not all zero.
+GRPO_ARGS = ('--config=configs/grpo.py:model=tiny,group=2', '--config.model.vision.image_size=16',
+             "--config.objective.rewards=(('tests.test_multihost:answer_length', 1.0),)",
+             '--config.objective.max_new_tokens=3', '--config.training.eval_every=0',
+             '--config.lora.rank=4')
+
+
+def answer_length(answer: str, reference: str, question: str) -> float:
+  """GRPO_ARGS' reward: the answer's length in characters."""
+  del reference, question
+  return float(len(answer))
 
 
 def free_port() -> int:
@@ -53,9 +66,9 @@ def write_data(folder):
   return train_file, (f'{converted}:train', halves[1]), tokenizer_dir
 
 
-def start(workdir, train_files, tokenizer_dir, num_devices, **env_vars):
+def start(workdir, train_files, tokenizer_dir, num_devices, recipe_args=SFT_ARGS, **env_vars):
   args = [sys.executable, '-m', 'openvlm_jax.main', f'--workdir={workdir}',
-          '--config=configs/sft.py:model=tiny', f'--config.training.num_steps={NUM_STEPS}',
+          *recipe_args, f'--config.training.num_steps={NUM_STEPS}',
           '--config.training.log_every=1', '--config.training.progress_bar=False',
           f'--config.data.batch_size={BATCH}', '--config.data.seq_len=32',
           '--config.optimizer.warmup_steps=0',
@@ -124,3 +137,27 @@ def test_two_processes_match_one(tmp_path):
   data_files = sorted(name for name in os.listdir(os.path.join(step_dir, 'data'))
                       if name.startswith('process_'))
   assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
+
+
+def test_two_processes_sample_and_train_grpo_like_one(tmp_path):
+  """Rollouts on the mesh: each process answers its own prompts within one global sampling
+  computation, rewards them, and the update is one global step; all as in one process."""
+  deadline = time.time() + TIMEOUT_S
+  train_file, _, tokenizer_dir = write_data(str(tmp_path))
+  halves = [os.path.join(os.path.dirname(train_file), f'{name}.jsonl')
+            for name in ('first', 'second')]
+  single_dir, multi_dir = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  coordinator = f'127.0.0.1:{free_port()}'
+  processes = [start(single_dir, [train_file], tokenizer_dir, num_devices=8,
+                     recipe_args=GRPO_ARGS)]
+  processes += [start(multi_dir, halves, tokenizer_dir, num_devices=4, recipe_args=GRPO_ARGS,
+                      JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES='2',
+                      JAX_PROCESS_ID=str(index)) for index in range(2)]
+  wait_all(processes, deadline)
+  single, multi = train_records(single_dir), train_records(multi_dir)
+  assert [record['step'] for record in multi] == list(range(1, NUM_STEPS + 1))
+  assert any(record['reward_std'] > 0 for record in single)
+  for one, two in zip(single, multi):
+    # Process 0 logs its own prompts' rollout statistics; the update's metrics are global.
+    for key in ('loss', 'grad_norm', 'kl'):
+      assert abs(one[key] - two[key]) <= 1e-5 * max(abs(one[key]), 1e-6), (key, single, multi)

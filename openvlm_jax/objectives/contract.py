@@ -63,3 +63,6 @@ class Rollouts:
   rewards: Callable[[Sequence[str], Sequence[str], Sequence[str]], tuple]
   # rewards [n] (groups of `group_size` in a row) -> advantages [n] float32
   advantages: Callable
+  # (logits [rows, seq, vocab], targets [rows, seq]) -> log-probs [rows, seq] of the targets
+  # under the sampling distribution (logits / temperature), as the loss reads them
+  logps: Callable

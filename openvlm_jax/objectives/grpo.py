@@ -5,7 +5,9 @@ The loop samples `group_size` answers per prompt from the current policy
 (`training.rollout`), rewards them (`objectives.rewards`) and gives each answer its advantage
 within its group, A = (r - mean(group)) / (std(group) + 1e-4) (`scale_rewards='group'`; 'none'
 keeps r - mean, as Dr. GRPO does). On the answer tokens, with the policy's log-probs logp,
-those at sampling time old (the same params for the first update) and the reference's ref:
+those at sampling time old (the same params for the first update) and the reference's ref,
+all of logits / temperature (the distribution the answers were sampled from, before top-k /
+top-p; as TRL):
 
   ratio = exp(logp - old)
   token loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * k3
@@ -131,19 +133,26 @@ def make(section: Any, tokenizer: Any = None) -> Objective:
   if temperature <= 0:
     raise UserError(f'config.objective.temperature={temperature}: must be > 0 (answers in a '
                     'group must differ)')
+  top_k, top_p = int(section.get('top_k', 0)), float(section.get('top_p', 1.0))
+  if top_k < 0 or not 0 < top_p <= 1:
+    raise UserError(f'config.objective.top_k={top_k}, top_p={top_p}: need top_k >= 0 and '
+                    '0 < top_p <= 1')
   if loss_type not in LOSS_TYPES:
     raise UserError(f'config.objective.loss_type={loss_type!r}: one of {LOSS_TYPES}')
   if scale_rewards not in SCALE_REWARDS:
     raise UserError(f'config.objective.scale_rewards={scale_rewards!r}: one of {SCALE_REWARDS}')
   reward_spec = rewards_lib.parse_rewards(section.get('rewards', (('numeric', 1.0),)))
 
+  def logps_of(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return token_logps(logits / temperature, targets)  # the distribution answers came from
+
   def terms(batch: dict, logits_fn) -> dict:
-    logps = token_logps(logits_fn(batch), batch['targets'])
+    logps = logps_of(logits_fn(batch), batch['targets'])
     old_logps = batch.get('old_logps')  # computed before the first of several updates
     old_logps = jax.lax.stop_gradient(logps if old_logps is None else old_logps)
     ref_logps = None
     if beta > 0:
-      ref_logps = token_logps(logits_fn(batch, reference=True), batch['targets'])
+      ref_logps = logps_of(logits_fn(batch, reference=True), batch['targets'])
     return dict(policy_terms(logps, old_logps, ref_logps, batch['advantages'],
                              sft.target_mask_of(batch), epsilon=epsilon, beta=beta),
                 num_answers=jnp.sum(sft.example_mask_of(batch)))
@@ -153,11 +162,11 @@ def make(section: Any, tokenizer: Any = None) -> Objective:
           'dr_grpo': (('token_loss_sum', 1.0 / max_new_tokens, 'num_answers'),)}[loss_type]
   rollouts = Rollouts(
       group_size=group_size, num_updates=num_updates, max_new_tokens=max_new_tokens,
-      temperature=temperature, top_k=int(section.get('top_k', 0)),
-      top_p=float(section.get('top_p', 1.0)),
+      temperature=temperature, top_k=top_k, top_p=top_p,
       rewards=lambda answers, references, questions: rewards_lib.score_rewards(
           reward_spec, answers, references, questions),
-      advantages=lambda values: group_advantages(values, group_size, scale_rewards))
+      advantages=lambda values: group_advantages(values, group_size, scale_rewards),
+      logps=logps_of)
   return Objective(name='grpo', terms=terms, counts=counts, loss=loss, metrics=metrics,
                    shown=('reward', 'kl'), reference=beta > 0, rollouts=rollouts)
 

@@ -81,6 +81,17 @@ def check_resume_config(manager, step: int, config: ml_collections.ConfigDict) -
   say(f'Resuming step {step} with a changed config:\n' + '\n'.join(lines))
 
 
+def check_reference_seed(manager, step: int, config: ml_collections.ConfigDict,
+                         reference) -> None:
+  """A frozen reference copy is rebuilt on resume from the seed (or `init_from`); a changed
+  seed would make it another model than the one the run started from."""
+  saved = checkpoint.saved_config(manager, step)
+  if reference is None or saved is None or saved.get('seed', config.seed) == config.seed:
+    return
+  raise UserError(f"resuming step {step} with config.seed={config.seed} (saved: {saved['seed']}) "
+                  'would rebuild the objective\'s reference as another model; keep the seed')
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the run in `workdir`. Returns the final eval metrics."""
   training = config.training
@@ -110,8 +121,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   # Eval data is validated now, before any training, under the same bad-record policy.
   evaluator = None
   if run.has_eval:
-    evaluator = setup.make_evaluator(run, setup.load_eval_set(run, pairs=objective.pairs),
-                                     objective, shardings.params, reference=reference)
+    evaluator = setup.make_evaluator(
+        run, setup.load_eval_set(run, pairs=objective.pairs), objective, shardings.params,
+        reference=reference if objectives.for_evaluation(objective).reference else None)
   train_iterator = setup.train_iterator(run, pairs=objective.pairs)
   rollouts = setup.make_rollout_maker(run, objective)  # GRPO: batches sampled each step
 
@@ -121,6 +133,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str,
   latest_step = manager.latest_step()
   if latest_step is not None:
     check_resume_config(manager, latest_step, config)
+    check_reference_seed(manager, latest_step, config, reference)
     state = checkpoint.restore(manager, latest_step, layout.abstract_state(run.model),
                                train_iterator)
     say(f'Resumed from {manager.directory} at step {latest_step}')

@@ -5,8 +5,10 @@ its prompt, the tokens before `prefix_len[i]` (the image tokens, the question an
 assistant header), and its reference answer, the first answer's target tokens (decoded). A
 record with several turns is asked its first question. Every prompt is left-padded to
 `seq_len` and repeated `group_size` times; the KV-cache sampler (`inference`, compiled once)
-answers all rows at once with the step's own key, `fold_in(key(seed), step)`, so a resumed run
-samples what the uninterrupted run sampled. Rewards and advantages are computed here, on the
+answers all rows at once, each row with its own key: the step's, `fold_in(key(seed), step)`,
+folded with a hash of the row's prompt and image and with its place in the group. A resumed
+run samples what the uninterrupted run sampled, and a prompt's answers do not depend on the
+batch around it (its order, the number of processes). Rewards and advantages are computed here, on the
 host. The update rows are prompt + answer, [rows, seq_len + max_new_tokens]:
 
   input_ids       the left-padded prompt, then the answer (pad after its stop token)
@@ -19,10 +21,12 @@ host. The update rows are prompt + answer, [rows, seq_len + max_new_tokens]:
 """
 
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec
@@ -82,6 +86,19 @@ def update_rows(prompt_ids: np.ndarray, prompt_mask: np.ndarray, answer_ids: np.
               images=np.asarray(images, np.float32))
 
 
+def row_keys(prompt_ids: np.ndarray, images: np.ndarray, group_size: int, seed: int,
+             step: int) -> np.ndarray:
+  """uint32 key data [prompts * group_size, 2]: each answer's sampling key, from the seed, the
+  step, a CRC-32 of its prompt's tokens and images, and its index within the group."""
+  prompt_hashes = np.asarray([zlib.crc32(ids.tobytes() + pixels.tobytes())
+                              for ids, pixels in zip(prompt_ids, images)], np.uint32)
+  step_key = jax.random.fold_in(jax.random.key(seed), step)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, prompt_hashes)
+  keys = jnp.repeat(keys, group_size, axis=0)
+  members = jnp.tile(jnp.arange(group_size, dtype=jnp.uint32), len(prompt_hashes))
+  return np.asarray(jax.random.key_data(jax.vmap(jax.random.fold_in)(keys, members)))
+
+
 def group_stats(rewards: np.ndarray, group_size: int) -> dict[str, float]:
   """Mean reward, the mean within-group std (ddof 1) and the share of groups whose answers
   all got the same reward (their advantages are 0: no signal)."""
@@ -114,20 +131,21 @@ class RolloutMaker:
     self._generate = parallel.under_mesh(inference.make_generate_fn(model, sampling), mesh,
                                          rules)
 
-  def sample(self, params: Any, batch: dict, step: int) -> tuple[dict, dict, list[str]]:
-    """Samples group_size answers per prompt. Returns (update rows, this process's
-    [rows] `num_tokens`, the answers' texts); rows of a group are next to each other."""
+  def sample(self, params: Any, prompts: Sequence[np.ndarray], images: np.ndarray,
+             step: int) -> tuple[dict, np.ndarray, list[str]]:
+    """Samples group_size answers to each prompt (token ids; images [prompts, ...]). Returns
+    (update rows, int32 [rows] answer lengths, the answers' texts), this process's rows; the
+    rows of a group are next to each other."""
     group_size = self.rollouts.group_size
-    prompts, _ = prompts_and_references(batch, self.tokenizer)
     prompt_ids, prompt_mask = inference.left_pad(prompts, self.pad_id, self.seq_len)
+    keys = row_keys(prompt_ids, images, group_size, self.seed, step)
     prompt_ids, prompt_mask = (np.repeat(array, group_size, axis=0)
                                for array in (prompt_ids, prompt_mask))
-    images = np.repeat(batch['images'], group_size, axis=0)
-    inputs = parallel.global_batch(
-        {'input_ids': prompt_ids, 'attention_mask': prompt_mask, 'images': images}, self.mesh)
-    rng = jax.random.fold_in(jax.random.key(self.seed), step)
+    images = np.repeat(images, group_size, axis=0)
+    inputs = parallel.global_batch({'input_ids': prompt_ids, 'attention_mask': prompt_mask,
+                                    'images': images, 'keys': keys}, self.mesh)
     out = self._generate(params, inputs['input_ids'], inputs['attention_mask'],
-                         inputs['images'], rng)
+                         inputs['images'], inputs['keys'])
     out = multihost_utils.global_array_to_host_local_array(
         out, self.mesh, PartitionSpec(parallel.BATCH_AXES))
     tokens, lengths = np.asarray(out['tokens']), np.asarray(out['num_tokens'])
@@ -137,19 +155,28 @@ class RolloutMaker:
     return rows, lengths, answers
 
   def __call__(self, params: Any, batch: dict, step: int) -> tuple[dict, dict[str, float]]:
-    """The update batch of step `step` (with `advantages`) and its rollout statistics:
-    reward, reward_std, flat_groups, each reward's mean (`reward_<name>`), answer_tokens
-    (mean answer length) and rollout_tokens_per_second (this process's)."""
+    """The update batch of step `step` (with `advantages`) and its rollout statistics over
+    every process's answers: reward, reward_std, flat_groups, each reward's mean
+    (`reward_<name>`), answer_tokens (mean answer length) and rollout_tokens_per_second
+    (sampling and decoding the texts, this process's rows).
+
+    Rewards get '' as the question: the batch holds the prompt's tokens, not its text, so a
+    unit the question names is not stripped from the answers in training.
+    """
     start = time.perf_counter()
-    rows, lengths, answers = self.sample(params, batch, step)
+    prompts, references = prompts_and_references(batch, self.tokenizer)
+    rows, lengths, answers = self.sample(params, prompts, batch['images'], step)
     elapsed = time.perf_counter() - start
-    _, references = prompts_and_references(batch, self.tokenizer)
     references = [reference for reference in references
                   for _ in range(self.rollouts.group_size)]
     total, named = self.rollouts.rewards(answers, references, [''] * len(answers))
     rows['advantages'] = self.rollouts.advantages(total)
     stats = dict(group_stats(total, self.rollouts.group_size),
                  **{f'reward_{name}': float(values.mean()) for name, values in named.items()},
-                 answer_tokens=float(lengths.mean()),
-                 rollout_tokens_per_second=float(lengths.sum()) / max(elapsed, 1e-9))
+                 answer_tokens=float(lengths.mean()))
+    if jax.process_count() > 1:  # every process has as many rows: the mean of their means
+      names = sorted(stats)
+      gathered = multihost_utils.process_allgather(np.asarray([stats[n] for n in names]))
+      stats = dict(zip(names, np.asarray(gathered).reshape(-1, len(names)).mean(0).tolist()))
+    stats['rollout_tokens_per_second'] = float(lengths.sum()) / max(elapsed, 1e-9)
     return rows, stats

@@ -424,8 +424,14 @@ def state_layout(run: Run) -> StateLayout:
   """The run's trainable mask, optimizer, schedule and train-state shardings."""
   config = run.config
   trainable = optimizer_lib.trainable_fn(config.trainable, lora_on=bool(config.lora.rank))
-  num_updates = config.training.num_steps * objectives.updates_per_step(config.objective)
-  optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, num_updates, trainable)
+  # The schedule counts optimizer updates: several per step with GRPO's num_updates, warmup too.
+  updates_per_step = objectives.updates_per_step(config.objective)
+  optimizer_config = config.optimizer
+  if updates_per_step > 1:
+    optimizer_config = ml_collections.ConfigDict(config.optimizer.to_dict())
+    optimizer_config.warmup_steps = config.optimizer.warmup_steps * updates_per_step
+  optimizer, schedule = optimizer_lib.make_optimizer(
+      optimizer_config, config.training.num_steps * updates_per_step, trainable)
   inputs = example_inputs(run)
   shardings = state_lib.state_shardings(run.model, optimizer, inputs, run.mesh,
                                         config.logical_axis_rules)

@@ -10,7 +10,6 @@ import optax
 
 from openvlm_jax.models import lora as lora_lib
 from openvlm_jax.objectives import Objective
-from openvlm_jax.objectives import sft as sft_lib
 from openvlm_jax.training import optimizer as optimizer_lib
 from openvlm_jax.training.state import TrainState
 
@@ -77,7 +76,7 @@ def make_train_step(model: nn.Module, objective: Objective,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum_steps: int = 1, trainable: Callable | None = None,
                     num_updates: int = 1) -> Callable:
-  """Returns train_step(state, batch) -> (state, metrics).
+  """Returns train_step(state, batch, reference_params=None) -> (state, metrics).
 
   The objective's counts (its normalizers) are taken over the whole global batch first; each
   of `grad_accum_steps` micro-batches then adds the gradient of its share of the loss,
@@ -95,7 +94,8 @@ def make_train_step(model: nn.Module, objective: Objective,
 
   With `num_updates` > 1 (GRPO reusing one rollout batch) the step makes that many optimizer
   updates on the same batch; `batch['old_logps']` [batch, seq] then holds the answer tokens'
-  log-probs under the params the step started from, and the metrics are the updates' means.
+  log-probs under the params the step started from (`objective.rollouts.logps`, micro-batch by
+  micro-batch), and the metrics are the updates' means.
   The schedule counts updates: update u of step s is number s * num_updates + u.
   """
   trainable = trainable or optimizer_lib.all_trainable
@@ -142,12 +142,20 @@ def make_train_step(model: nn.Module, objective: Objective,
                    learning_rate=schedule(counter))
     return params, opt_state, metrics
 
+  def old_logps(params, batch: dict) -> jax.Array:
+    """[batch, seq] log-probs of the targets under `params`, micro-batch by micro-batch."""
+    logps_of = objective.rollouts.logps
+    if grad_accum_steps == 1:
+      return logps_of(model_logits(model, params, batch), batch['targets'])
+    per_micro = jax.lax.map(lambda micro: logps_of(model_logits(model, params, micro),
+                                                   micro['targets']),
+                            split_micro_batches(batch, grad_accum_steps))
+    return einops.rearrange(per_micro, 'micro rows seq -> (rows micro) seq')
+
   def train_step(state: TrainState, batch: dict, reference_params=None):
     params, opt_state = state.params, state.opt_state
     if num_updates > 1:
-      logits = model_logits(model, params, batch)
-      batch = dict(batch, old_logps=jax.lax.stop_gradient(
-          -sft_lib.token_cross_entropy(logits, batch['targets'])))
+      batch = dict(batch, old_logps=jax.lax.stop_gradient(old_logps(params, batch)))
     history = []
     for index in range(num_updates):  # a few, unrolled
       params, opt_state, metrics = update(params, opt_state, batch,

@@ -14,6 +14,7 @@ from openvlm_jax import config_lib, modes, objectives
 from openvlm_jax.data import digits
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import jsonl
+from openvlm_jax.objectives import sft
 from openvlm_jax.training import rollout, setup
 from openvlm_jax.training import state as state_lib
 from openvlm_jax.training import step as step_lib
@@ -81,7 +82,8 @@ def test_update_rows_give_back_the_sampled_answers_under_the_training_forward(fi
   maker = rollout.RolloutMaker(model=run.model, rollouts=greedy, tokenizer=run.tokenizer,
                                mesh=run.mesh, rules=config.logical_axis_rules,
                                seq_len=config.data.seq_len, seed=0)
-  rows, lengths, answers = maker.sample(state.params, batch, step=1)
+  prompts, _ = rollout.prompts_and_references(batch, run.tokenizer)
+  rows, lengths, answers = maker.sample(state.params, prompts, batch['images'], step=1)
   assert rows['input_ids'].shape == (32, config.data.seq_len + 6) and len(answers) == 32
   assert (rows['loss_mask'].sum(1) == lengths).all() and (lengths >= 1).all()
   # The KV-cache decoder chose each answer token as the argmax; the training forward over
@@ -110,7 +112,7 @@ def test_two_updates_on_one_rollout_equal_two_steps_with_the_rollouts_log_probs(
       run.model, objective, layout.optimizer, layout.schedule, trainable=layout.trainable,
       num_updates=updates))
   two_state, two_metrics = make(2)(state, rows)
-  old_logps = -np.asarray(jax.jit(lambda p, b: step_lib.sft_lib.token_cross_entropy(
+  old_logps = -np.asarray(jax.jit(lambda p, b: sft.token_cross_entropy(  # temperature 1
       step_lib.model_logits(run.model, p, b), b['targets']))(state.params, rows))
   one_step = make(1)
   manual, first = one_step(state, dict(rows, old_logps=old_logps))
