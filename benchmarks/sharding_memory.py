@@ -52,18 +52,24 @@ def one_billion_config(seq_len: int, remat: str):
   return config
 
 
-def measure(config, fsdp: int, global_batch: int) -> dict:
-  """Compiles the train step on a data=8/fsdp x fsdp mesh; returns per-device bytes."""
-  vlm_config = config_lib.build_vlm_config(config.model, vocab_size=LLM_1B['vocab_size'],
-                                           image_token_id=LLM_1B['vocab_size'] - 1)
+def measure(config, fsdp: int, global_batch: int, vlm_config=None, example=None) -> dict:
+  """Compiles the train step on a data=8/fsdp x fsdp mesh; returns per-device bytes.
+
+  `vlm_config` defaults to `config.model`'s; `example` (one row of model inputs) to one image
+  and `config.data.seq_len` tokens.
+  """
+  if vlm_config is None:
+    vlm_config = config_lib.build_vlm_config(config.model, vocab_size=LLM_1B['vocab_size'],
+                                             image_token_id=LLM_1B['vocab_size'] - 1)
   model = VLM(vlm_config)
   optimizer, schedule = optimizer_lib.make_optimizer(config.optimizer, 1000)
   mesh = parallel.make_mesh(dict(data=jax.device_count() // fsdp, fsdp=fsdp, tensor=1))
   seq, size = config.data.seq_len, vlm_config.vision.image_size
-  example = dict(input_ids=jnp.zeros((1, seq), jnp.int32),
-                 images=jnp.zeros((1, 1, size, size, 3), jnp.float32),
-                 positions=jnp.zeros((1, seq), jnp.int32),
-                 attention_mask=jnp.ones((1, seq), jnp.int32))
+  if example is None:
+    example = dict(input_ids=jnp.zeros((1, seq), jnp.int32),
+                   images=jnp.zeros((1, 1, size, size, 3), jnp.float32),
+                   positions=jnp.zeros((1, seq), jnp.int32),
+                   attention_mask=jnp.ones((1, seq), jnp.int32))
   shardings = state_lib.state_shardings(model, optimizer, example, mesh,
                                         config.logical_axis_rules)
   abstract_state = checkpoint.abstract_like(

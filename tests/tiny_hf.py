@@ -91,6 +91,37 @@ def llava_config(text: str = 'llama', vision: str = 'clip') -> transformers.Llav
   )
 
 
+# LLaVA-NeXT grids for IMAGE_SIZE crops, as llava-v1.6's [[336, 672], [672, 336], ...] for 336.
+PINPOINTS = [[16, 32], [32, 16], [32, 32], [48, 16], [16, 48]]
+
+
+def llava_next_config(text: str = 'llama') -> transformers.LlavaNextConfig:
+  """LLaVA-NeXT over a tiny decoder and CLIP tower, tiling images into IMAGE_SIZE crops."""
+  llava = llava_config(text, 'clip')
+  return transformers.LlavaNextConfig(
+      text_config=llava.text_config, vision_config=llava.vision_config,
+      image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2,
+      vision_feature_select_strategy='default', image_grid_pinpoints=PINPOINTS,
+      tie_word_embeddings=llava.text_config.tie_word_embeddings,
+  )
+
+
+# LLaVA-OneVision's grids, 1x1 to 4x4 crops (its own go to 6x6 at 384 px).
+ONEVISION_PINPOINTS = [[16 * i, 16 * j] for i in range(1, 5) for j in range(1, 5)]
+
+
+def llava_onevision_config() -> transformers.LlavaOnevisionConfig:
+  """LLaVA-OneVision over a tiny Qwen2 and SigLIP tower: anyres_max_9 on IMAGE_SIZE crops."""
+  llava = llava_config('qwen2', 'siglip')
+  return transformers.LlavaOnevisionConfig(
+      text_config=llava.text_config, vision_config=llava.vision_config,
+      image_token_index=IMAGE_TOKEN_ID, video_token_index=IMAGE_TOKEN_ID + 1,
+      vision_feature_layer=-1, vision_feature_select_strategy='full',
+      image_grid_pinpoints=ONEVISION_PINPOINTS, vision_aspect_ratio='anyres_max_9',
+      tie_word_embeddings=llava.text_config.tie_word_embeddings,
+  )
+
+
 def save_image_processor(folder, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
   """A CLIP-style image processor cropping to IMAGE_SIZE (what DINOv2 folders ship)."""
   transformers.CLIPImageProcessor(

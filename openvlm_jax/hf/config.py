@@ -6,6 +6,7 @@ defaults and legacy spellings (`rope_theta`/`rope_scaling`) are normalised into
 """
 
 import dataclasses
+import re
 from typing import Any
 
 import transformers
@@ -20,6 +21,8 @@ VISION_MODEL_TYPES = ('clip_vision_model', 'siglip_vision_model', 'dinov2')
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Full CLIP/SigLIP models (text + vision); only their vision half is used.
 DUAL_ENCODER_TYPES = ('clip', 'siglip')
+# LLaVA-1.5, LLaVA-NeXT (anyres views, image_newline) and LLaVA-OneVision (anyres_max_N).
+LLAVA_MODEL_TYPES = ('llava', 'llava_next', 'llava_onevision')
 
 HFConfig = dict | transformers.PretrainedConfig
 
@@ -165,10 +168,11 @@ def vision_config_from_hf(
 def vlm_config_from_hf(
     config: HFConfig, preprocessor: dict | None = None, **overrides: Any
 ) -> VLMConfig:
-  """VLMConfig of a LlavaConfig; `overrides` set VLMConfig fields (dtype, remat, ...)."""
+  """VLMConfig of a LlavaConfig or LlavaNextConfig; `overrides` set VLMConfig fields (dtype,
+  remat, ...)."""
   config = _as_hf_config(config)
-  if config.model_type != 'llava':
-    raise UserError(f"expected model_type 'llava', got {config.model_type!r}")
+  if config.model_type not in LLAVA_MODEL_TYPES:
+    raise UserError(f'expected model_type one of {LLAVA_MODEL_TYPES}, got {config.model_type!r}')
   try:
     feature_layer = int(config.vision_feature_layer)
   except TypeError:
@@ -185,17 +189,32 @@ def vlm_config_from_hf(
   image_token_id = getattr(config, 'image_token_id', None)
   if image_token_id is None:
     image_token_id = config.image_token_index
+  vision = vision_config_from_hf(
+      config.vision_config,
+      feature_layer=feature_layer,
+      feature_select=config.vision_feature_select_strategy,
+      preprocessor=preprocessor,
+  )
+  pinpoints, max_crops = (), 0
+  if config.model_type == 'llava_onevision':
+    match = re.fullmatch(r'anyres_max_(\d+)', config.vision_aspect_ratio)
+    if not match:
+      raise UserError(f'vision_aspect_ratio {config.vision_aspect_ratio!r} is not supported; '
+                      "only 'anyres_max_<N>'")
+    max_crops = int(match.group(1))
+  if config.model_type != 'llava':
+    pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+    if vision.num_image_tokens != vision.num_patches:
+      raise UserError(f'anyres needs one token per patch of each view; feature select '
+                      f'{vision.feature_select!r} of a {vision.kind} tower keeps the class token')
   return VLMConfig(
       llm=llm,
-      vision=vision_config_from_hf(
-          config.vision_config,
-          feature_layer=feature_layer,
-          feature_select=config.vision_feature_select_strategy,
-          preprocessor=preprocessor,
-      ),
+      vision=vision,
       projector='mlp2x_gelu',
       projector_bias=bool(getattr(config, 'multimodal_projector_bias', True)),
       image_token_id=int(image_token_id),
+      image_grid_pinpoints=pinpoints,
+      anyres_max_crops=max_crops,
       **overrides,
   )
 
@@ -205,7 +224,7 @@ def config_from_hf(
 ) -> VLMConfig | LLMConfig | VisionConfig:
   """Our config of any supported checkpoint config: LLaVA, a decoder, or a vision encoder."""
   config = _as_hf_config(config)
-  if config.model_type == 'llava':
+  if config.model_type in LLAVA_MODEL_TYPES:
     return vlm_config_from_hf(config, preprocessor)
   if config.model_type in TEXT_MODEL_TYPES:
     return llm_config_from_hf(config)
@@ -286,8 +305,9 @@ def vision_config_to_hf(config: VisionConfig) -> transformers.PretrainedConfig:
   return transformers.SiglipVisionConfig(**common, vision_use_head=False)
 
 
-def vlm_config_to_hf(config: VLMConfig) -> transformers.LlavaConfig:
-  """A LlavaConfig for our VLM config (mlp2x_gelu projector only, as in transformers)."""
+def vlm_config_to_hf(config: VLMConfig) -> transformers.PretrainedConfig:
+  """A LlavaConfig (LlavaNextConfig with image_grid_pinpoints, LlavaOnevisionConfig with
+  anyres_max_crops too) for our VLM config (mlp2x_gelu projector only, as in transformers)."""
   if config.projector != 'mlp2x_gelu':
     raise UserError(
         f"projector {config.projector!r} has no LlavaForConditionalGeneration equivalent; "
@@ -297,7 +317,18 @@ def vlm_config_to_hf(config: VLMConfig) -> transformers.LlavaConfig:
   feature_select = vision.feature_select
   if vision.kind == 'siglip':
     feature_select = 'full'  # Ours keeps every SigLIP patch; HF's 'default' would drop one.
-  llava = transformers.LlavaConfig(
+  if config.anyres_max_crops:  # LlavaOnevisionConfig has no image_seq_length
+    architecture, anyres = 'LlavaOnevision', {
+        'vision_aspect_ratio': f'anyres_max_{config.anyres_max_crops}'}
+  elif config.image_grid_pinpoints:
+    architecture, anyres = 'LlavaNext', {'image_seq_length': vision.num_image_tokens}
+  else:
+    architecture, anyres = 'Llava', {'image_seq_length': vision.num_image_tokens}
+  if config.image_grid_pinpoints:
+    anyres['image_grid_pinpoints'] = [list(pinpoint) for pinpoint in config.image_grid_pinpoints]
+  config_class = getattr(transformers, f'{architecture}Config')
+  llava = config_class(
+      **anyres,
       text_config=llm_config_to_hf(config.llm),
       vision_config=vision_config_to_hf(vision),
       image_token_index=config.image_token_id,
@@ -305,8 +336,7 @@ def vlm_config_to_hf(config: VLMConfig) -> transformers.LlavaConfig:
       vision_feature_layer=vision.feature_layer,
       vision_feature_select_strategy=feature_select,
       multimodal_projector_bias=config.projector_bias,
-      image_seq_length=vision.num_image_tokens,
       tie_word_embeddings=config.llm.tie_embeddings,
   )
-  llava.architectures = ['LlavaForConditionalGeneration']
+  llava.architectures = [f'{architecture}ForConditionalGeneration']
   return llava

@@ -43,6 +43,7 @@ PREFIXES = {
         'vision': ('vision_tower.vision_model.', 'vision_tower.', 'model.vision_tower.',
                    'model.vision_tower.vision_model.'),
         'projector': ('multi_modal_projector.', 'model.multi_modal_projector.'),
+        'newline': ('image_newline', 'model.image_newline'),
     },
     'llm': {'llm': ('model.',), 'lm_head': ('',)},
     'vision': {'vision': ('vision_model.', '')},
@@ -217,11 +218,14 @@ def projector_rules(kind: str, use_bias: bool) -> list[Rule]:
 def _model_parts(config: Config) -> tuple[str, dict[str, list[Rule]]]:
   """(checkpoint kind, {our top-level params key, or '' for a bare model: its rules})."""
   if isinstance(config, VLMConfig):
-    return 'llava', {
+    parts = {
         'vision': vision_rules(config.vision),
         'projector': projector_rules(config.projector, config.projector_bias),
         'llm': llm_rules(config.llm),
     }
+    if config.image_grid_pinpoints:  # LLaVA-NeXT's row-end embedding [embed]
+      parts['image_newline'] = [Rule('newline', (), '', SAME)]
+    return 'llava', parts
   if isinstance(config, LLMConfig):
     return 'llm', {'': llm_rules(config)}
   return 'vision', {'': vision_rules(config)}
@@ -318,7 +322,8 @@ def hf_to_params(
   params: dict = {}
   for root, rules in parts.items():
     root_path = (root,) if root else ()
-    scanned, num_layers = _layer_roots(expected, root_path)
+    if any(rule.per_layer for rule in rules):
+      scanned, num_layers = _layer_roots(expected, root_path)
     for rule in rules:
       if not rule.per_layer:
         path = root_path + rule.path
@@ -361,7 +366,8 @@ def iter_hf_tensors(params: Mapping, config: Config) -> Iterator[tuple[str, np.n
   kind, parts = _model_parts(config)
   for root, rules in parts.items():
     root_path = (root,) if root else ()
-    scanned, num_layers = _layer_roots(params, root_path)
+    if any(rule.per_layer for rule in rules):
+      scanned, num_layers = _layer_roots(params, root_path)
     for rule in rules:
       prefix = _write_prefix(kind, rule.component, config)
       if not rule.per_layer:

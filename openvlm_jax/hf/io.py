@@ -151,7 +151,7 @@ def load_pretrained(
   if raw_config is None:
     raise UserError(f'{folder}: config.json is missing')
   preprocessor = _read_preprocessor(folder)
-  if raw_config.get('model_type') == 'llava':
+  if raw_config.get('model_type') in hf_config.LLAVA_MODEL_TYPES:
     config = hf_config.vlm_config_from_hf(raw_config, preprocessor, **overrides)
   elif overrides:
     raise UserError(f'config overrides {sorted(overrides)} apply to LLaVA checkpoints only')
@@ -368,9 +368,10 @@ def load_config(folder: str | os.PathLike, **overrides: Any) -> VLMConfig:
   raw_config = _read_json(folder / 'config.json')
   if raw_config is None:
     raise UserError(f'{folder}: config.json is missing')
-  if raw_config.get('model_type') != 'llava':
+  if raw_config.get('model_type') not in hf_config.LLAVA_MODEL_TYPES:
     raise UserError(f"{folder}/config.json: model_type {raw_config.get('model_type')!r} is not "
-                     "'llava'; for a bare decoder and vision tower use llm_from + vision_from")
+                    f"one of {hf_config.LLAVA_MODEL_TYPES}; for a bare decoder and vision tower "
+                    "use llm_from + vision_from")
   return hf_config.vlm_config_from_hf(
       raw_config, _read_preprocessor(folder), **overrides)
 

@@ -125,6 +125,12 @@ class VLMConfig:
   prefix_attention: bool = False
   lora: Optional[LoraConfig] = None
   projection_impl: str = 'xla'  # LoRA Dense layers: 'xla' | 'pallas' (fused kernel)
+  # LLaVA-NeXT anyres (data/anyres.py): the (height, width) grids an image may be tiled into,
+  # in crops of the tower's image size; () is a single view per image (LLaVA-1.5).
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+  # LLaVA-OneVision's anyres_max_N: crops' feature grids over ~N crops' worth are shrunk
+  # bilinearly, and images of multi-image records get one untiled view; 0: LLaVA-NeXT.
+  anyres_max_crops: int = 0
 
   @property
   def layer_lora(self) -> Optional[LoraConfig]:

@@ -264,8 +264,20 @@ def check_sequence_fits_images(config: ml_collections.ConfigDict, vlm_config: VL
         'lower data.max_images')
 
 
+def check_images_are_single_view(config: ml_collections.ConfigDict,
+                                 vlm_config: VLMConfig) -> None:
+  """Anyres models (LLaVA-NeXT, OneVision folders) load, convert and export, but the data
+  pipeline does not tile images for them yet."""
+  if vlm_config.image_grid_pinpoints:
+    raise UserError(
+        f'config.model.init_from={config.model.init_from}: a LLaVA-NeXT/OneVision model '
+        '(image_grid_pinpoints) converts and exports (--mode=export), but training, eval and '
+        'generation do not tile its images yet')
+
+
 def example_spec(run: Run) -> examples_lib.ExampleSpec:
   """How the run turns records into examples: tokenizer, image preprocessing, sizes."""
+  check_images_are_single_view(run.config, run.vlm_config)
   vision, data = run.vlm_config.vision, run.config.data
   return examples_lib.ExampleSpec(
       tokenizer=run.tokenizer, image_size=vision.image_size, image_mean=tuple(vision.image_mean),

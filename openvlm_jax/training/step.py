@@ -17,6 +17,8 @@ from openvlm_jax.training.state import TrainState
 # (`config.prefix_attention`) reads `prefix_len` [batch] as well, or a packed batch's
 # per-token `prefix_end` [batch, seq].
 MODEL_INPUTS = ('input_ids', 'images', 'positions', 'attention_mask')
+# The batch fields of anyres models' image layout (see `VLM.__call__`).
+ANYRES_KEYS = ('image_feature_index', 'image_feature_weight')
 
 
 def uses_prefix_attention(model: nn.Module) -> bool:
@@ -29,7 +31,9 @@ def model_logits(model: nn.Module, params, batch: dict, rngs: dict | None = None
 
   With `config.prefix_attention` the model also gets the prefix: `batch['prefix_end']`
   [batch, seq] in a packed batch, else `batch['prefix_len']` [batch]; without it neither is
-  read. A packed batch's `attention_mask` holds segment ids and its `positions` restart in
+  read. Anyres batches carry `image_feature_index` (and `image_feature_weight`, OneVision):
+  which view feature each image token takes (`data/anyres.py`). A packed batch's
+  `attention_mask` holds segment ids and its `positions` restart in
   each segment. `rngs` ({'dropout': key}) turns on dropout (the LoRA adapters' input
   dropout).
   """
@@ -37,9 +41,10 @@ def model_logits(model: nn.Module, params, batch: dict, rngs: dict | None = None
   if uses_prefix_attention(model):
     prefix = ({'prefix_end': batch['prefix_end']} if 'prefix_end' in batch
               else {'prefix_len': batch['prefix_len']})
+  anyres = {name: batch[name] for name in ANYRES_KEYS if name in batch}
   return model.apply({'params': params}, batch['input_ids'], batch['images'],
                      positions=batch['positions'], attention_mask=batch['attention_mask'],
-                     rngs=rngs, **prefix)
+                     rngs=rngs, **prefix, **anyres)
 
 
 def logits_fn_of(model: nn.Module, params, rngs: dict | None = None,

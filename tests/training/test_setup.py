@@ -1,5 +1,6 @@
 """Where a run's data and model come from: the embedded datasets and the model sources."""
 
+import dataclasses
 import functools
 import os
 
@@ -7,6 +8,7 @@ import pytest
 
 from configs import charts as charts_config
 from configs import quantitative
+from openvlm_jax import config_lib
 from openvlm_jax.console import UserError
 from openvlm_jax.training import setup
 
@@ -114,3 +116,13 @@ def test_a_run_reads_a_weighted_mixture_of_jsonl_and_arrayrecord(tmp_path, capsy
     config.data.train_files = (built['train'], str(tmp_path / 'missing'))
   with pytest.raises(UserError, match=r'config.data.train_files\[1\]: no such file or converted'):
     setup.make_run(config, str(tmp_path / 'run'))
+
+
+def test_an_anyres_model_is_refused_where_images_would_be_fed():
+  config = quantitative.get_config()
+  config.model.init_from = '/models/llava-v1.6-mistral-7b-hf'
+  vlm_config = config_lib.build_vlm_config(config.model, vocab_size=32, image_token_id=3)
+  setup.check_images_are_single_view(config, vlm_config)  # single view: fine
+  tiled = dataclasses.replace(vlm_config, image_grid_pinpoints=((16, 32), (32, 16)))
+  with pytest.raises(UserError, match='init_from=/models/llava-v1.6-mistral-7b-hf: a LLaVA-NeXT'):
+    setup.check_images_are_single_view(config, tiled)
