@@ -171,7 +171,6 @@ def serving_engine(config: ml_collections.ConfigDict, workdir: str):
     run = setup.make_run(config, workdir, build_demo=False, with_data=False)
     params, step = restore_params(run)
     source, name = f'step {step} of {workdir}', os.path.basename(os.path.abspath(workdir))
-  setup.check_images_are_single_view(run.config, run.vlm_config)
   limits = engine_lib.Limits(
       max_new_tokens=section.max_new_tokens, max_prompt_tokens=section.max_prompt_tokens,
       max_image_bytes=section.max_image_bytes, image_root=section.image_root,

@@ -75,6 +75,14 @@ def fitted_size(height: int, width: int, target_height: int,
   return target_height, min(int(np.ceil(width * scale_height)), target_width)
 
 
+def _centred(image: Image.Image, width: int, height: int,
+             colour: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+  """`image` pasted at the centre of a `width` x `height` canvas of `colour` (RGB)."""
+  canvas = Image.new('RGB', (width, height), colour)
+  canvas.paste(image, ((width - image.size[0]) // 2, (height - image.size[1]) // 2))
+  return canvas
+
+
 def square_view(image: Image.Image, background: Sequence[float]) -> Image.Image:
   """The image centred on a square of its longer side, filled with `background` (RGB in
   [0, 1], e.g. the normalisation mean), as OneVision gives images of multi-image records."""
@@ -83,9 +91,7 @@ def square_view(image: Image.Image, background: Sequence[float]) -> Image.Image:
   if width == height:
     return image
   side = max(width, height)
-  canvas = Image.new('RGB', (side, side), tuple(int(x * 255) for x in background))
-  canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-  return canvas
+  return _centred(image, side, side, tuple(int(x * 255) for x in background))
 
 
 def anyres_views(image: Image.Image, *, pinpoints: Pinpoints, crop_size: int) -> list[Image.Image]:
@@ -99,8 +105,7 @@ def anyres_views(image: Image.Image, *, pinpoints: Pinpoints, crop_size: int) ->
   target_height, target_width = select_best_resolution(height, width, pinpoints)
   new_height, new_width = fitted_size(height, width, target_height, target_width)
   resized = image.resize((new_width, new_height), resample=Image.Resampling.BICUBIC)
-  canvas = Image.new('RGB', (target_width, target_height))
-  canvas.paste(resized, ((target_width - new_width) // 2, (target_height - new_height) // 2))
+  canvas = _centred(resized, target_width, target_height)
   crops = [canvas.crop((left, top, left + crop_size, top + crop_size))
            for top in range(0, target_height, crop_size)
            for left in range(0, target_width, crop_size)]

@@ -168,8 +168,8 @@ def vision_config_from_hf(
 def vlm_config_from_hf(
     config: HFConfig, preprocessor: dict | None = None, **overrides: Any
 ) -> VLMConfig:
-  """VLMConfig of a LlavaConfig or LlavaNextConfig; `overrides` set VLMConfig fields (dtype,
-  remat, ...)."""
+  """VLMConfig of a LlavaConfig, LlavaNextConfig or LlavaOnevisionConfig; `overrides` set
+  VLMConfig fields (dtype, remat, ...)."""
   config = _as_hf_config(config)
   if config.model_type not in LLAVA_MODEL_TYPES:
     raise UserError(f'expected model_type one of {LLAVA_MODEL_TYPES}, got {config.model_type!r}')
@@ -318,17 +318,18 @@ def vlm_config_to_hf(config: VLMConfig) -> transformers.PretrainedConfig:
   if vision.kind == 'siglip':
     feature_select = 'full'  # Ours keeps every SigLIP patch; HF's 'default' would drop one.
   if config.anyres_max_crops:  # LlavaOnevisionConfig has no image_seq_length
-    architecture, anyres = 'LlavaOnevision', {
+    architecture, kind_fields = 'LlavaOnevision', {
         'vision_aspect_ratio': f'anyres_max_{config.anyres_max_crops}'}
   elif config.image_grid_pinpoints:
-    architecture, anyres = 'LlavaNext', {'image_seq_length': vision.num_image_tokens}
+    architecture, kind_fields = 'LlavaNext', {'image_seq_length': vision.num_image_tokens}
   else:
-    architecture, anyres = 'Llava', {'image_seq_length': vision.num_image_tokens}
+    architecture, kind_fields = 'Llava', {'image_seq_length': vision.num_image_tokens}
   if config.image_grid_pinpoints:
-    anyres['image_grid_pinpoints'] = [list(pinpoint) for pinpoint in config.image_grid_pinpoints]
+    kind_fields['image_grid_pinpoints'] = [list(pinpoint)
+                                           for pinpoint in config.image_grid_pinpoints]
   config_class = getattr(transformers, f'{architecture}Config')
   llava = config_class(
-      **anyres,
+      **kind_fields,
       text_config=llm_config_to_hf(config.llm),
       vision_config=vision_config_to_hf(vision),
       image_token_index=config.image_token_id,

@@ -261,8 +261,11 @@ def _set(tree: dict, path: Path, value) -> None:
 
 
 def _layer_roots(tree: Mapping, root: Path) -> tuple[bool, int]:
-  """(scanned, num_layers) of the layer stack below `root` in a params tree."""
+  """(scanned, num_layers) of the layer stack below `root` in a params tree; (False, 0)
+  where `root` is a single parameter (LLaVA-NeXT's image_newline)."""
   below = _get(tree, root) if root else tree
+  if not isinstance(below, Mapping):
+    return False, 0
   if 'layers' in below:
     leaf = jax.tree.leaves(below['layers'])[0]
     return True, leaf.shape[0]
@@ -322,8 +325,7 @@ def hf_to_params(
   params: dict = {}
   for root, rules in parts.items():
     root_path = (root,) if root else ()
-    if any(rule.per_layer for rule in rules):
-      scanned, num_layers = _layer_roots(expected, root_path)
+    scanned, num_layers = _layer_roots(expected, root_path)
     for rule in rules:
       if not rule.per_layer:
         path = root_path + rule.path
@@ -366,8 +368,7 @@ def iter_hf_tensors(params: Mapping, config: Config) -> Iterator[tuple[str, np.n
   kind, parts = _model_parts(config)
   for root, rules in parts.items():
     root_path = (root,) if root else ()
-    if any(rule.per_layer for rule in rules):
-      scanned, num_layers = _layer_roots(params, root_path)
+    scanned, num_layers = _layer_roots(params, root_path)
     for rule in rules:
       prefix = _write_prefix(kind, rule.component, config)
       if not rule.per_layer:

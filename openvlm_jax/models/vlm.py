@@ -204,7 +204,7 @@ def dummy_inputs(config: VLMConfig, batch_size: int = 1, seq_len: int = 8) -> di
       'positions': jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len)),
       'attention_mask': jnp.ones((batch_size, seq_len), jnp.int32),
   }
-  if config.anyres_max_crops:
+  if config.anyres_max_crops:  # 4 bilinear taps per token (data/anyres.BILINEAR_TAPS)
     inputs['image_feature_index'] = jnp.zeros((batch_size, seq_len, 4), jnp.int32)
     inputs['image_feature_weight'] = jnp.zeros((batch_size, seq_len, 4), jnp.float32)
   elif config.image_grid_pinpoints:
