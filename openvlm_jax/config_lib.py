@@ -75,6 +75,11 @@ def model_section(preset: str) -> ml_collections.ConfigDict:
       layer_norm_eps=1e-5, hidden_act='quick_gelu', feature_layer=-2, feature_select='default',
       image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), **sizes['vision']))
   model.projector = 'mlp2x_gelu'
+  # LLaVA-NeXT's anyres tiling from scratch (data/anyres.py): grid resolutions (height,
+  # width), multiples of vision.image_size; () reads each image as one view. With
+  # anyres_max_crops N, OneVision's anyres_max_N.
+  model.image_grid_pinpoints = ()
+  model.anyres_max_crops = 0
   model.dtype = 'float32'  # compute dtype; parameters stay in param_dtype
   model.param_dtype = 'float32'
   model.remat = 'none'  # 'none' | 'full' | 'dots'
@@ -109,6 +114,12 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   config.data.train_weights = ()
   config.data.seq_len = placeholder(int)  # set by the recipe
   config.data.max_images = 1
+  # Anyres models (LLaVA-NeXT, OneVision; data/anyres.py): the grids of at most max_tiles
+  # crops per image (0: all of image_grid_pinpoints; the limit is exported with the model),
+  # and max_views view slots per example (0: max_images at the largest grid). An example
+  # whose views or image tokens do not fit is tiled on smaller grids, and the run says so.
+  config.data.max_tiles = 0
+  config.data.max_views = 0
   config.data.batch_size = placeholder(int)  # global, across all processes; set by the recipe
   config.data.shuffle_seed = 0
   config.data.worker_count = 0  # Grain processes that decode and preprocess images; 0: none
@@ -217,6 +228,8 @@ def build_vlm_config(model: ml_collections.ConfigDict, *, vocab_size: int,
       projector=model.projector,
       image_token_id=image_token_id,
       lora=lora_config(lora),
+      image_grid_pinpoints=tuple((int(h), int(w)) for h, w in model.image_grid_pinpoints),
+      anyres_max_crops=model.anyres_max_crops,
       **runtime_fields(model),
   )
 
@@ -329,6 +342,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
            f'must be a multiple of optimizer.grad_accum_steps={accum}')
   _require(data.seq_len >= 2, 'data.seq_len', data.seq_len, 'must be >= 2')
   _require(data.max_images >= 0, 'data.max_images', data.max_images, 'must be >= 0')
+  _require(data.max_tiles >= 0, 'data.max_tiles', data.max_tiles, 'must be >= 0')
+  _require(data.max_views >= 0, 'data.max_views', data.max_views, 'must be >= 0')
   _require(data.worker_count >= 0, 'data.worker_count', data.worker_count, 'must be >= 0')
   _require(data.pack_max_images == 0 or data.pack_max_images >= data.max_images,
            'data.pack_max_images', data.pack_max_images,

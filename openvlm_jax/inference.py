@@ -81,7 +81,8 @@ def split_key(rng: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def make_generate_fn(model: VLM, sampling: SamplingConfig,
                      on_step: Callable[..., None] | None = None) -> Callable:
-  """Returns jitted generate(params, input_ids, attention_mask, images=None, rng=None).
+  """Returns jitted generate(params, input_ids, attention_mask, images=None, rng=None,
+  image_feature_index=None, image_feature_weight=None).
 
   `on_step(step, tokens, live)`, when given, is called on the host at every decoding step, in
   order, with the step's tokens int32 [batch] and bool [batch] rows still generating (an
@@ -95,6 +96,8 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig,
     rng: a PRNG key for sampling (unused when greedy); or one per row, [batch] keys or their
       uint32 `jax.random.key_data` [batch, 2], so that a row's answer does not depend on
       the rows beside it (GRPO's rollouts, see `training.rollout`).
+    image_feature_index, image_feature_weight: an anyres model's image layout (see
+      `VLM.__call__`); `images` then holds each row's views.
 
   Returns of the returned function:
     `tokens` int32 [batch, max_new_tokens] (the stop token included, then `pad_token_id`)
@@ -104,7 +107,8 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig,
   stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
   cache_dtype = layers.to_dtype(model.config.dtype)
 
-  def generate(params, input_ids, attention_mask, images=None, rng=None):
+  def generate(params, input_ids, attention_mask, images=None, rng=None,
+               image_feature_index=None, image_feature_weight=None):
     variables = {'params': params}
     batch, prompt_len = input_ids.shape
     rng = jax.random.key(0) if rng is None else rng
@@ -125,6 +129,7 @@ def make_generate_fn(model: VLM, sampling: SamplingConfig,
     logits, cache = model.apply(
         variables, input_ids, positions=positions, cache_mask=cache_mask, cache=cache,
         write_index=jnp.int32(0), image_features=image_features, prefix_len=prefix_len,
+        image_feature_index=image_feature_index, image_feature_weight=image_feature_weight,
         method=VLM.decode)
     rng, step_rng = split_key(rng)
     first_token = sample_tokens(logits[:, -1], step_rng, sampling)
@@ -193,12 +198,19 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
   return input_ids, attention_mask
 
 
+def _padded_stack(rows: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+  """`rows` stacked and zero-padded to `batch_size` rows."""
+  stacked = np.stack(rows)
+  padding = np.zeros((batch_size - len(rows), *stacked.shape[1:]), stacked.dtype)
+  return np.concatenate([stacked, padding])
+
+
 def answer_prompts(
     generate: Callable,
     params: Any,
     tokenizer: Any,
     prompts: Sequence[np.ndarray],
-    images_of: Callable[[int], np.ndarray],
+    images_of: Callable[[int], np.ndarray | dict[str, np.ndarray]],
     *,
     batch_size: int,
     prompt_len: int,
@@ -214,7 +226,9 @@ def answer_prompts(
     params: the VLM's parameters.
     tokenizer: decodes the answers.
     prompts: token ids of each prompt, image tokens expanded.
-    images_of: index -> float32 [max_images, H, W, 3], the images of prompt `index`.
+    images_of: index -> float32 [max_images, H, W, 3], the images of prompt `index`; or the
+      model's image inputs as a dict (`examples.image_inputs`: `images` and an anyres
+      model's feature index).
     batch_size, prompt_len: the compiled shape.
     seed: the sampling seed.
 
@@ -227,11 +241,14 @@ def answer_prompts(
     chunk = list(range(start, min(start + batch_size, len(prompts))))
     rows = [prompts[i] for i in chunk] + [[]] * (batch_size - len(chunk))
     input_ids, attention_mask = left_pad(rows, pad_id, prompt_len)
-    pixels = np.stack([images_of(index) for index in chunk])  # [rows, max_images, H, W, 3]
-    pixels = np.concatenate(
-        [pixels, np.zeros((batch_size - len(chunk), *pixels.shape[1:]), np.float32)])
+    inputs = [images_of(index) for index in chunk]
+    inputs = [row if isinstance(row, dict) else {'images': row} for row in inputs]
+    batch = {key: _padded_stack([row[key] for row in inputs], batch_size)
+             for key in inputs[0]}  # images [rows, max_images, H, W, 3], ...
     rng, batch_rng = jax.random.split(rng)
-    out = jax.device_get(generate(params, input_ids, attention_mask, pixels, batch_rng))
+    images = batch.pop('images')
+    out = jax.device_get(generate(params, input_ids, attention_mask, images, batch_rng,
+                                  **batch))
     for row in range(len(chunk)):
       num_tokens = int(out['num_tokens'][row])
       text = decode_answer(tokenizer, out['tokens'][row, :num_tokens].tolist())

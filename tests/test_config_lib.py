@@ -40,6 +40,16 @@ def test_build_vlm_config_takes_vocab_from_tokenizer():
   assert vlm_config.vision.num_image_tokens == 4  # (16 / 8) ** 2 patches, class token dropped
 
 
+def test_a_model_from_scratch_can_tile_its_images_as_llava_next():
+  config = sft.get_config('model=tiny')
+  assert config_lib.build_vlm_config(config.model, vocab_size=9, image_token_id=5) \
+      .image_grid_pinpoints == ()
+  config.model.image_grid_pinpoints = ((16, 32), (32, 16))
+  config.model.anyres_max_crops = 9
+  tiled = config_lib.build_vlm_config(config.model, vocab_size=9, image_token_id=5)
+  assert tiled.image_grid_pinpoints == ((16, 32), (32, 16)) and tiled.anyres_max_crops == 9
+
+
 def test_prefix_attention_is_off_by_default_and_reaches_the_model_config():
   config = sft.get_config('model=tiny')
   assert config.model.prefix_attention is False

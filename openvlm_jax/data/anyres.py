@@ -279,3 +279,103 @@ def row_feature_index(layouts: Sequence[Layout], view_counts: Sequence[int], *,
     return Layout(index)
   weight = np.concatenate(weights) if weights else np.zeros(empty_shape, np.float32)
   return Layout(index, np.pad(weight, padding).astype(np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyresSpec:
+  """How an anyres model's images become views and tokens in an example.
+
+  pinpoints: the grids' resolutions (height, width), as the model's image_grid_pinpoints.
+  patch_size: the tower's; a view is (crop_size // patch_size) ** 2 features.
+  max_crops: OneVision's anyres_max_N (0: LLaVA-NeXT, no shrinking, multi-image records tiled).
+  max_views: view slots per example (base views and crops of all its images).
+  """
+
+  pinpoints: tuple[tuple[int, int], ...]
+  patch_size: int
+  max_crops: int
+  max_views: int
+
+
+def num_crops(pinpoint: Sequence[int], crop_size: int) -> int:
+  """The crops of a grid resolution (height, width)."""
+  return -(-int(pinpoint[0]) // crop_size) * -(-int(pinpoint[1]) // crop_size)
+
+
+def limited_pinpoints(pinpoints: Pinpoints, crop_size: int,
+                      max_tiles: int) -> tuple[tuple[int, int], ...]:
+  """The resolutions of at most `max_tiles` crops (all of them for 0).
+
+  Raises:
+    ValueError: none is left.
+  """
+  kept = tuple((int(h), int(w)) for h, w in pinpoints
+               if not max_tiles or num_crops((h, w), crop_size) <= max_tiles)
+  if not kept:
+    fewest = min(num_crops(pinpoint, crop_size) for pinpoint in pinpoints)
+    raise ValueError(f'every grid has more than {max_tiles} crops (the smallest has {fewest})')
+  return kept
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePlan:
+  """How the images of one example are tiled: one layout and view count each."""
+
+  layouts: tuple[Layout, ...]
+  view_counts: tuple[int, ...]
+  tile: bool
+  pinpoints: tuple[tuple[int, int], ...]  # the resolutions the grids were chosen from
+  reduced: str = ''  # what the budget changed, for a log line; '' if nothing
+
+  @property
+  def num_tokens(self) -> tuple[int, ...]:
+    """Each image's LLM tokens."""
+    return tuple(len(layout) for layout in self.layouts)
+
+
+def plan_images(sizes: Sequence[tuple[int, int]], spec: AnyresSpec, *, crop_size: int,
+                max_image_tokens: int) -> ImagePlan:
+  """Tiles images of these (height, width) sizes within the example's budget.
+
+  The grids come from all of `spec.pinpoints` when the views fit `spec.max_views` slots and
+  the tokens `max_image_tokens`; otherwise from the pinpoints of at most k crops, for the
+  largest k that fits (the same for every image of the example), which is deterministic and
+  `reduced` says so. OneVision (`max_crops`) does not tile the images of a multi-image record.
+
+  Raises:
+    ValueError: even the smallest grids do not fit.
+  """
+  tile = not (spec.max_crops and len(sizes) > 1)
+  limits = sorted({num_crops(pinpoint, crop_size) for pinpoint in spec.pinpoints}, reverse=True)
+  for limit in (limits if tile else limits[:1]):
+    pinpoints = limited_pinpoints(spec.pinpoints, crop_size, limit)
+    layouts = tuple(feature_layout(height, width, pinpoints=pinpoints, crop_size=crop_size,
+                                   patch_size=spec.patch_size, max_crops=spec.max_crops,
+                                   tile=tile) for height, width in sizes)
+    view_counts = tuple(num_views(height, width, pinpoints=pinpoints, crop_size=crop_size)
+                        if tile else 1 for height, width in sizes)
+    num_tokens = sum(len(layout) for layout in layouts)
+    if sum(view_counts) <= spec.max_views and num_tokens <= max_image_tokens:
+      return ImagePlan(layouts, view_counts, tile, pinpoints,
+                       _reduction(sizes, spec.pinpoints, pinpoints, crop_size))
+  raise ValueError(
+      f'{len(sizes)} image(s) need {sum(view_counts)} views and {num_tokens} image tokens '
+      f'even on the smallest grids; the example has {spec.max_views} view slots '
+      f'(data.max_views) and room for {max_image_tokens} image tokens (data.seq_len)')
+
+
+def _grid_name(height: int, width: int, pinpoints: Pinpoints, crop_size: int) -> str:
+  target_height, target_width = select_best_resolution(height, width, pinpoints)
+  return f'{-(-target_height // crop_size)}x{-(-target_width // crop_size)}'
+
+
+def _reduction(sizes: Sequence[tuple[int, int]], full: Pinpoints, kept: Pinpoints,
+               crop_size: int) -> str:
+  """'' when every image gets the grid it gets from all pinpoints; else what changed."""
+  changes = []
+  for height, width in sizes:
+    before = _grid_name(height, width, full, crop_size)
+    after = _grid_name(height, width, kept, crop_size)
+    if before != after:
+      changes.append(f'a {width}x{height} image tiled {after} instead of {before} crops')
+  return '; '.join(changes) + (' to fit the budget' if changes else '')

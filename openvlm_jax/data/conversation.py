@@ -259,9 +259,10 @@ def _generation_blocks(tokenizer, messages: list[dict[str, Any]]) -> tuple[np.nd
 
 
 def widen_image_tokens(input_ids: np.ndarray, loss_mask: np.ndarray, *,
-                       image_token_id: int | None, num_image_tokens: int,
+                       image_token_id: int | None, num_image_tokens: int | Sequence[int],
                        num_images: int) -> dict[str, np.ndarray]:
-  """Repeats each image token `num_image_tokens` times (never a target).
+  """Repeats each image token `num_image_tokens` times (never a target); a sequence gives
+  each image its own count (anyres images, whose tokens follow their size).
 
   `image_token_id` None (a text-only tokenizer) is allowed for a text-only conversation.
 
@@ -275,13 +276,14 @@ def widen_image_tokens(input_ids: np.ndarray, loss_mask: np.ndarray, *,
   if int(is_image.sum()) != num_images:
     raise ValueError(f'the chat template wrote {int(is_image.sum())} image token(s) for '
                      f'{num_images} image(s)')
-  repeats = np.where(is_image, num_image_tokens, 1)
+  repeats = np.ones(len(input_ids), np.int64)
+  repeats[is_image] = num_image_tokens
   loss_mask = np.where(is_image, 0, loss_mask)
   return {'input_ids': np.repeat(input_ids, repeats).astype(np.int32),
           'loss_mask': np.repeat(loss_mask, repeats).astype(np.int32)}
 
 
-def _image_token_id(tokenizer, num_images: int) -> int | None:
+def image_token_id(tokenizer, num_images: int) -> int | None:
   """The image token's id; None for a tokenizer without one when there is no image."""
   image_token = (tokenizer_lib.image_token_of(tokenizer) if num_images
                  else tokenizer_lib.find_image_token(tokenizer))
@@ -289,13 +291,14 @@ def _image_token_id(tokenizer, num_images: int) -> int | None:
 
 
 def tokenize_messages(tokenizer, messages: list[dict[str, Any]], *, num_images: int,
-                      num_image_tokens: int) -> dict[str, np.ndarray]:
+                      num_image_tokens: int | Sequence[int]) -> dict[str, np.ndarray]:
   """Renders and tokenizes chat messages and builds the assistant-only loss mask.
 
   Returns:
     `input_ids` int32 [num_tokens] and `loss_mask` int32 [num_tokens], where
     `loss_mask[i] == 1` iff token i overlaps an assistant reply (end-of-turn included), i.e.
-    it is a token the model must learn to predict; each image is `num_image_tokens` tokens.
+    it is a token the model must learn to predict; each image is `num_image_tokens` tokens
+    (or its own entry of them).
 
   Raises:
     ValueError: no token is left to train on, or the image tokens do not match the images.
@@ -308,7 +311,7 @@ def tokenize_messages(tokenizer, messages: list[dict[str, Any]], *, num_images: 
     raise ValueError('the loss mask is empty: the chat template renders no assistant reply '
                      'text for this conversation')
   return widen_image_tokens(input_ids, loss_mask,
-                            image_token_id=_image_token_id(tokenizer, num_images),
+                            image_token_id=image_token_id(tokenizer, num_images),
                             num_image_tokens=num_image_tokens, num_images=num_images)
 
 
@@ -325,7 +328,7 @@ def encode_conversation(
     *,
     tokenizer,
     num_images: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
 ) -> dict[str, np.ndarray]:
   """A LLaVA record's `conversations` -> `input_ids`, `loss_mask` (int32 [num_tokens] each).
 
@@ -341,7 +344,7 @@ def encode_prompt(
     *,
     tokenizer,
     num_images: int,
-    num_image_tokens: int,
+    num_image_tokens: int | Sequence[int],
 ) -> tuple[np.ndarray, str | None]:
   """The prompt of a record's last answer, and that answer (the reference) if it has one.
 
@@ -365,6 +368,6 @@ def encode_prompt(
   text = _render(tokenizer, messages, add_generation_prompt=True)
   input_ids = np.asarray(tokenizer(text, add_special_tokens=False)['input_ids'], dtype=np.int32)
   widened = widen_image_tokens(input_ids, np.zeros_like(input_ids),
-                               image_token_id=_image_token_id(tokenizer, num_images),
+                               image_token_id=image_token_id(tokenizer, num_images),
                                num_image_tokens=num_image_tokens, num_images=num_images)
   return widened['input_ids'], reference

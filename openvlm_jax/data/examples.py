@@ -11,15 +11,23 @@ An example holds, for sequence length `seq_len` and up to `max_images` images:
                                       form the prefix of a prefix LM (`model.prefix_attention`)
   images          float32 [max_images, H, W, 3]  zeros in unused slots
   num_images      int32   []
+For an anyres model (`ExampleSpec.anyres`: LLaVA-NeXT, OneVision) each image takes as many
+slots as it has views and as many tokens as its size gives (`anyres.plan_images`), and:
+  images                float32 [max_views, H, W, 3]  the views of the images, in order
+  image_feature_index   int32   [seq_len] (OneVision: [seq_len, 4])  the view feature each
+                                image token takes (`anyres.row_feature_index`)
+  image_feature_weight  float32 [seq_len, 4]  OneVision only: the bilinear weights
 A record comes from `jsonl.parse_record` (images as `image_paths`) or from an in-memory source
 (images as encoded `image_bytes`).
 """
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from openvlm_jax.data import anyres as anyres_lib
 from openvlm_jax.data import conversation
 from openvlm_jax.data import images as images_lib
 
@@ -35,6 +43,12 @@ class ExampleSpec:
   num_image_tokens: int
   seq_len: int
   max_images: int
+  anyres: anyres_lib.AnyresSpec | None = None  # tiles images for LLaVA-NeXT / OneVision
+
+  @property
+  def image_slots(self) -> int:
+    """Rows of an example's `images`: one per image, or per view with `anyres`."""
+    return self.anyres.max_views if self.anyres else self.max_images
 
   @property
   def pad_id(self) -> int:
@@ -44,7 +58,46 @@ class ExampleSpec:
 
 
 def _num_images(record: dict[str, Any]) -> int:
-  return len(record.get('image_paths') or record.get('image_bytes') or [])
+  return len(_image_sources(record))
+
+
+def _image_sources(record: dict[str, Any]) -> list[str | bytes]:
+  """A record's images: file paths or encoded bytes."""
+  return list(record.get('image_paths') or []) + list(record.get('image_bytes') or [])
+
+
+def _check_num_images(record: dict[str, Any], spec: ExampleSpec) -> int:
+  num_images = _num_images(record)
+  if num_images > spec.max_images:
+    raise ValueError(f'{num_images} images, more than max_images={spec.max_images}')
+  return num_images
+
+
+def image_plan(record: dict[str, Any], spec: ExampleSpec, num_text_tokens: int,
+               sizes: Sequence[tuple[int, int]] | None = None) -> anyres_lib.ImagePlan:
+  """How an anyres spec tiles a record's images next to `num_text_tokens` of text.
+
+  `sizes` (height, width) default to the images' headers.
+
+  Raises:
+    ValueError: the images do not fit the example (see `anyres.plan_images`).
+  """
+  if sizes is None:
+    sizes = [images_lib.image_size(source) for source in _image_sources(record)]
+  return anyres_lib.plan_images(sizes, spec.anyres, crop_size=spec.image_size,
+                                max_image_tokens=spec.seq_len - num_text_tokens)
+
+
+def _widened(encode: Callable[[int | Sequence[int]], Any], record: dict[str, Any],
+             spec: ExampleSpec, num_images: int,
+             input_ids_of: Callable[[Any], np.ndarray]) -> tuple[Any, anyres_lib.ImagePlan | None]:
+  """Runs `encode(num_image_tokens)`; for anyres images, first with one token per image to
+  learn the text's length, then with each image's own count. Returns (result, plan)."""
+  if spec.anyres is None or not num_images:
+    return encode(spec.num_image_tokens), None
+  once = encode(1)
+  plan = image_plan(record, spec, len(input_ids_of(once)) - num_images)
+  return encode(plan.num_tokens), plan
 
 
 def encode_tokens(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
@@ -57,19 +110,20 @@ def encode_tokens(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.nda
     ValueError: (without file:line; callers add it) for a bad conversation, too many images
       or more than `seq_len` tokens.
   """
-  num_images = _num_images(record)
-  if num_images > spec.max_images:
-    raise ValueError(f'{num_images} images, more than max_images={spec.max_images}')
-  tokens = conversation.encode_conversation(
-      record['conversations'],
-      tokenizer=spec.tokenizer,
-      num_images=num_images,
-      num_image_tokens=spec.num_image_tokens,
-  )
+  return _encode_tokens(record, spec)[0]
+
+
+def _encode_tokens(record: dict[str, Any],
+                   spec: ExampleSpec) -> tuple[dict[str, np.ndarray], anyres_lib.ImagePlan | None]:
+  num_images = _check_num_images(record, spec)
+  encode = lambda num_image_tokens: conversation.encode_conversation(
+      record['conversations'], tokenizer=spec.tokenizer, num_images=num_images,
+      num_image_tokens=num_image_tokens)
+  tokens, plan = _widened(encode, record, spec, num_images, lambda t: t['input_ids'])
   num_tokens = len(tokens['input_ids'])
   if num_tokens > spec.seq_len:
     raise ValueError(f'{num_tokens} tokens, longer than seq_len={spec.seq_len}')
-  return tokens
+  return tokens, plan
 
 
 def _check_images(record: dict[str, Any], decode_images: bool) -> None:
@@ -87,13 +141,16 @@ def check_record(
 
   Returns:
     The record's tokens (`encode_tokens`), which the pipeline keeps so that no record is
-    tokenized again.
+    tokenized again; with `reduced` (a str) when the image budget tiled its images with
+    fewer crops than their size asks for (`anyres.plan_images`).
 
   Raises:
     ValueError: with the reason (no file:line; callers add it).
   """
-  tokens = encode_tokens(record, spec)
+  tokens, plan = _encode_tokens(record, spec)
   _check_images(record, decode_images)
+  if plan is not None and plan.reduced:
+    tokens = dict(tokens, reduced=plan.reduced)
   return tokens
 
 
@@ -103,12 +160,11 @@ def encode_prompt(record: dict[str, Any], spec: ExampleSpec) -> tuple[np.ndarray
   Raises:
     ValueError: for a bad conversation, too many images, or a prompt longer than `seq_len`.
   """
-  num_images = _num_images(record)
-  if num_images > spec.max_images:
-    raise ValueError(f'{num_images} images, more than max_images={spec.max_images}')
-  prompt, reference = conversation.encode_prompt(
+  num_images = _check_num_images(record, spec)
+  encode = lambda num_image_tokens: conversation.encode_prompt(
       record['conversations'], tokenizer=spec.tokenizer, num_images=num_images,
-      num_image_tokens=spec.num_image_tokens)
+      num_image_tokens=num_image_tokens)
+  (prompt, reference), _ = _widened(encode, record, spec, num_images, lambda out: out[0])
   if len(prompt) > spec.seq_len:
     raise ValueError(f'a prompt of {len(prompt)} tokens, longer than seq_len={spec.seq_len}')
   return prompt, reference
@@ -127,15 +183,66 @@ def check_question(
 
 
 def load_images(record: dict[str, Any], spec: ExampleSpec) -> np.ndarray:
-  """Returns float32 [max_images, H, W, 3], zeros after the record's own images."""
+  """Returns float32 [max_images, H, W, 3], zeros after the record's own images (a
+  single-view spec; see `image_inputs` for anyres)."""
   size = spec.image_size
   pixels = np.zeros((spec.max_images, size, size, 3), dtype=np.float32)
-  kwargs = {'image_size': size, 'image_mean': spec.image_mean, 'image_std': spec.image_std}
-  for slot, path in enumerate(record.get('image_paths') or []):
-    pixels[slot] = images_lib.load_image(path, **kwargs)
-  for slot, data in enumerate(record.get('image_bytes') or []):
-    pixels[slot] = images_lib.decode_image_bytes(data, **kwargs)
+  for slot, source in enumerate(_image_sources(record)):
+    pixels[slot] = images_lib.load_image(source, image_size=size, image_mean=spec.image_mean,
+                                         image_std=spec.image_std)
   return pixels
+
+
+def image_inputs(record: dict[str, Any], spec: ExampleSpec,
+                 input_ids: np.ndarray) -> dict[str, np.ndarray]:
+  """The model's image inputs for a record whose tokens (or prompt) are `input_ids`.
+
+  Returns:
+    `images` (see the module docstring); with `spec.anyres` also `image_feature_index` and
+    (OneVision) `image_feature_weight`, laid out for the image tokens of `input_ids`.
+
+  Raises:
+    ValueError: an image cannot be read, or its tokens in `input_ids` are not the ones its
+      size gives (it changed after the tokens were made).
+  """
+  if spec.anyres is None:
+    return {'images': load_images(record, spec)}
+  size, anyres = spec.image_size, spec.anyres
+  pixels = np.zeros((spec.image_slots, size, size, 3), dtype=np.float32)
+  decoded = [images_lib.open_image(source) for source in _image_sources(record)]
+  plan = None
+  if decoded:
+    image_token_id = conversation.image_token_id(spec.tokenizer, len(decoded))
+    num_image_tokens = int(np.sum(input_ids == image_token_id))
+    plan = image_plan(record, spec, len(input_ids) - num_image_tokens,
+                      sizes=[(image.height, image.width) for image in decoded])
+    if sum(plan.num_tokens) != num_image_tokens:
+      raise ValueError(f'the images take {sum(plan.num_tokens)} tokens, but the record was '
+                       f'tokenized with {num_image_tokens}: did an image change?')
+    slot = 0
+    for image in decoded:
+      views = anyres_lib.preprocess_anyres(
+          image, pinpoints=plan.pinpoints, crop_size=size, image_mean=spec.image_mean,
+          image_std=spec.image_std, tile=plan.tile)
+      pixels[slot:slot + len(views)] = views
+      slot += len(views)
+  layout = anyres_lib.row_feature_index(
+      plan.layouts if plan else [], plan.view_counts if plan else [],
+      tokens_per_view=spec.num_image_tokens, max_views=anyres.max_views, length=spec.seq_len)
+  return {'images': pixels, **_layout_fields(layout, anyres)}
+
+
+def _layout_fields(layout: anyres_lib.Layout,
+                   anyres: anyres_lib.AnyresSpec) -> dict[str, np.ndarray]:
+  """A row's feature index (and OneVision's weights) as example fields."""
+  if not anyres.max_crops:
+    return {'image_feature_index': layout.index}
+  if layout.weight is None:  # no image: the taps form, all zero
+    return {'image_feature_index': np.zeros((*layout.index.shape, anyres_lib.BILINEAR_TAPS),
+                                            np.int32),
+            'image_feature_weight': np.zeros((*layout.index.shape, anyres_lib.BILINEAR_TAPS),
+                                             np.float32)}
+  return {'image_feature_index': layout.index, 'image_feature_weight': layout.weight}
 
 
 def prefix_length(loss_mask: np.ndarray) -> int:
@@ -159,10 +266,10 @@ def make_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndar
   """
   try:
     tokens = record.get('tokens') or encode_tokens(record, spec)
-    pixels = load_images(record, spec)
+    images = image_inputs(record, spec, tokens['input_ids'])
   except ValueError as error:
     raise ValueError(f"{record.get('where', '?')}: {error}") from error
-  return dict(token_fields(tokens, spec), images=pixels,
+  return dict(token_fields(tokens, spec), **images,
               num_images=np.asarray(_num_images(record), dtype=np.int32))
 
 
@@ -211,20 +318,25 @@ def check_pair(record: dict[str, Any], spec: ExampleSpec, decode_images: bool = 
 def make_pair_example(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
   """A preference record as two rows, chosen then rejected: every field gains a [2] axis.
 
-  Both rows share the record's images (decoded once); each has its own tokens and loss mask
-  (the answer), so a DPO objective reads each answer's log-probability from its row.
+  Both rows share the record's images (decoded once; for anyres, each row tiles them within
+  its own budget); each has its own tokens and loss mask (the answer), so a DPO objective
+  reads each answer's log-probability from its row.
 
   Raises:
     ValueError: `"path:line: reason"` when the record cannot be encoded.
   """
   try:
-    rows = [token_fields(encode_tokens(view, spec), spec) for view in (record, _rejected(record))]
-    pixels = load_images(record, spec)
+    tokens = [encode_tokens(view, spec) for view in (record, _rejected(record))]
+    images = [image_inputs(record, spec, tokens[0]['input_ids'])]
+    # An anyres budget may tile the rows' images differently (their texts differ in length).
+    images.append(images[0] if spec.anyres is None
+                  else image_inputs(record, spec, tokens[1]['input_ids']))
   except ValueError as error:
     raise ValueError(f"{record.get('where', '?')}: {error}") from error
   num_images = np.asarray(_num_images(record), dtype=np.int32)
-  return dict(stack_examples(rows), images=np.stack([pixels, pixels]),
-              num_images=np.stack([num_images, num_images]))
+  rows = [dict(token_fields(row, spec), **row_images, num_images=num_images)
+          for row, row_images in zip(tokens, images)]
+  return stack_examples(rows)
 
 
 def empty_pair_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
@@ -235,16 +347,21 @@ def empty_pair_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
 def empty_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
   """An all-padding example (no tokens, no images, zero loss), for padding eval batches."""
   seq_len, size = spec.seq_len, spec.image_size
-  return {
+  example = {
       'input_ids': np.full((seq_len,), spec.pad_id, dtype=np.int32),
       'targets': np.full((seq_len,), spec.pad_id, dtype=np.int32),
       'loss_mask': np.zeros((seq_len,), dtype=np.float32),
       'attention_mask': np.zeros((seq_len,), dtype=np.int32),
       'positions': np.zeros((seq_len,), dtype=np.int32),
       'prefix_len': np.asarray(0, dtype=np.int32),
-      'images': np.zeros((spec.max_images, size, size, 3), dtype=np.float32),
+      'images': np.zeros((spec.image_slots, size, size, 3), dtype=np.float32),
       'num_images': np.asarray(0, dtype=np.int32),
   }
+  if spec.anyres is not None:
+    empty = anyres_lib.row_feature_index([], [], tokens_per_view=spec.num_image_tokens,
+                                         max_views=spec.anyres.max_views, length=seq_len)
+    example.update(_layout_fields(empty, spec.anyres))
+  return example
 
 
 def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -38,14 +38,52 @@ def preprocess_image(
   return (pixels - mean) / std
 
 
+def open_image(path_or_bytes: str | bytes) -> Image.Image:
+  """Reads and decodes an image file (or encoded bytes: PNG, JPEG, ...) with Pillow.
+
+  Raises:
+    ValueError: naming the file, if it is missing or cannot be decoded.
+  """
+  name = 'bytes' if isinstance(path_or_bytes, bytes) else path_or_bytes
+  try:
+    with Image.open(_opened(path_or_bytes)) as image:
+      image.load()  # the pixels stay in memory once the file is closed
+      return image
+  except FileNotFoundError as error:
+    raise ValueError(f'image not found: {path_or_bytes}') from error
+  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+    raise ValueError(f'cannot decode image {name}: {error}') from error
+
+
+def _opened(path_or_bytes: str | bytes):
+  return io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+
+
+def image_size(path_or_bytes: str | bytes) -> tuple[int, int]:
+  """(height, width) of an image from its header, without decoding its pixels.
+
+  Raises:
+    ValueError: naming the file, if it is missing or not an image.
+  """
+  name = 'bytes' if isinstance(path_or_bytes, bytes) else path_or_bytes
+  try:
+    with Image.open(_opened(path_or_bytes)) as image:
+      width, height = image.size
+      return height, width
+  except FileNotFoundError as error:
+    raise ValueError(f'image not found: {path_or_bytes}') from error
+  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+    raise ValueError(f'cannot decode image {name}: {error}') from error
+
+
 def load_image(
-    path: str,
+    path: str | bytes,
     *,
     image_size: int,
     image_mean: Sequence[float],
     image_std: Sequence[float],
 ) -> np.ndarray:
-  """Reads an image file and preprocesses it (see `preprocess_image`).
+  """Reads an image file (or encoded bytes) and preprocesses it (see `preprocess_image`).
 
   Returns:
     float32 [image_size, image_size, 3].
@@ -53,15 +91,8 @@ def load_image(
   Raises:
     ValueError: naming the file, if it is missing or cannot be decoded.
   """
-  try:
-    with Image.open(path) as image:
-      image.load()
-      return preprocess_image(
-          image, image_size=image_size, image_mean=image_mean, image_std=image_std)
-  except FileNotFoundError as error:
-    raise ValueError(f'image not found: {path}') from error
-  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-    raise ValueError(f'cannot decode image {path}: {error}') from error
+  return preprocess_image(open_image(path), image_size=image_size, image_mean=image_mean,
+                          image_std=image_std)
 
 
 def decode_image_bytes(
@@ -79,13 +110,7 @@ def decode_image_bytes(
   Raises:
     ValueError: if the bytes cannot be decoded.
   """
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      image.load()
-      return preprocess_image(
-          image, image_size=image_size, image_mean=image_mean, image_std=image_std)
-  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-    raise ValueError(f'cannot decode image bytes: {error}') from error
+  return load_image(data, image_size=image_size, image_mean=image_mean, image_std=image_std)
 
 
 def verify_image(path: str | bytes, full_decode: bool = False) -> None:

@@ -31,6 +31,7 @@ from openvlm_jax import console
 from openvlm_jax.console import UserError
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import sources
+from openvlm_jax.data.anyres import AnyresSpec
 
 _MAX_LOGGED_OFFENDERS = 10
 # Records after which a shard whose records all failed alike stops (`_stop_if_all_bad_alike`).
@@ -185,7 +186,7 @@ def load_records(
   # Images a converted dataset holds were decoded fully at conversion (`data.convert`).
   decode_images = decode_images and not getattr(source, 'images_decoded', False)
   bad_records = BadRecords() if bad_records is None else bad_records
-  kept, kept_tokens = [], []
+  kept, kept_tokens, reduced = [], [], []
   reasons = set()  # why the records so far were bad (without their locations)
   for index in range(shard_index, len(source), shard_count):
     bad_records.total += 1
@@ -208,8 +209,13 @@ def load_records(
       continue
     kept.append(index)
     kept_tokens.append(_compact(tokens))
+    if isinstance(tokens, dict) and tokens.get('reduced'):
+      reduced.append(f"{source.where(index)}: {tokens['reduced']}")
   label = getattr(source, 'name', None) or repr(source)
   label += f' (shard {shard_index} of {shard_count})' if shard_count > 1 else ''
+  if reduced:
+    console.say(f'{label}: the image budget tiled {len(reduced)} record(s) with fewer crops, '
+                f'e.g. {reduced[0]}')
   if bad_records.count:
     console.warn(f'{label}: {bad_records.summary()}')
   else:
@@ -271,14 +277,17 @@ def make_dataset(
     pack_max_images: int = 0,
     weights: Sequence[float] = (),
     pairs: bool = False,
+    anyres: AnyresSpec | None = None,
 ) -> grain.IterDataset:
   """Builds the Grain dataset of batches for this process (see `make_iterator`)."""
   spec = examples_lib.ExampleSpec(
       tokenizer=tokenizer, image_size=image_size, image_mean=tuple(image_mean),
       image_std=tuple(image_std), num_image_tokens=num_image_tokens, seq_len=seq_len,
-      max_images=max_images)
+      max_images=max_images, anyres=anyres)
   if pairs and packing:
     raise UserError('config.data.packing: preference pairs (DPO) are not packed')
+  if anyres is not None and packing:
+    raise UserError('config.data.packing: the tiled images of an anyres model are not packed')
   load = functools.partial(load_records, spec=spec, on_bad_record=on_bad_record,
                            shard_index=shard_index, shard_count=shard_count,
                            decode_images=decode_images, check=check_for(pairs))
@@ -403,7 +412,8 @@ def make_iterator(files: Sequence[str] | Any, **kwargs) -> grain.DatasetIterator
       drop_remainder, bad_records (a `BadRecords` to fill; one per source of a mixture),
       decode_images (see `load_records`), packing and pack_max_images (several examples per
       row, see `pack_examples`), weights (one per entry of `files`: a mixture, see below),
-      pairs (preference records as chosen/rejected rows, `examples.make_pair_example`).
+      pairs (preference records as chosen/rejected rows, `examples.make_pair_example`),
+      anyres (an `anyres.AnyresSpec`: tile the images for a LLaVA-NeXT/OneVision model).
 
   With `weights`, each entry of `files` is its own source (validated, counted, sharded and
   shuffled on its own, with seed + its index) and Grain's `MapDataset.mix` interleaves them
@@ -441,6 +451,7 @@ def make_eval_batches(
     bad_records: BadRecords | None = None,
     decode_images: bool = True,
     pairs: bool = False,
+    anyres: AnyresSpec | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields every (good) record of this shard once, in file order, in batches.
 
@@ -452,7 +463,7 @@ def make_eval_batches(
   spec = examples_lib.ExampleSpec(
       tokenizer=tokenizer, image_size=image_size, image_mean=tuple(image_mean),
       image_std=tuple(image_std), num_image_tokens=num_image_tokens, seq_len=seq_len,
-      max_images=max_images)
+      max_images=max_images, anyres=anyres)
   source = load_records(
       files, spec, on_bad_record=on_bad_record, shard_index=shard_index,
       shard_count=shard_count, bad_records=bad_records, decode_images=decode_images,

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,6 +24,12 @@ import ml_dtypes
 import numpy as np
 import transformers
 from safetensors import safe_open
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
 
 from openvlm_jax.console import UserError
 from openvlm_jax.hf import config as hf_config
@@ -326,6 +332,8 @@ def save_processor(
     vision_config: VisionConfig,
     *,
     image_token: str = '<image>',
+    image_grid_pinpoints: Sequence[Sequence[int]] = (),
+    anyres_max_crops: int = 0,
 ) -> Any:
   """Writes a LlavaProcessor (image processor + `tokenizer`) so `AutoProcessor` loads it.
 
@@ -333,31 +341,46 @@ def save_processor(
   mean/std: CLIP-style (shortest edge + center crop; CLIP, DINOv2) or SigLIP-style (square
   resize). The processor expands each image token to exactly
   `vision_config.num_image_tokens` tokens.
-  Returns the processor.
+
+  With `image_grid_pinpoints` it is a LlavaNextProcessor, which tiles as `data.anyres` does
+  and writes each image's own token count. With `anyres_max_crops` too (OneVision) only the
+  LlavaOnevisionImageProcessor and the tokenizer are written: transformers builds a
+  LlavaOnevisionProcessor only with torchvision, for its video processor.
+  Returns the processor (the image processor for OneVision).
   """
   size = vision_config.image_size
   common = {
       'image_mean': list(vision_config.image_mean),
       'image_std': list(vision_config.image_std),
   }
-  if vision_config.has_class_token:  # CLIP, DINOv2
-    image_processor = transformers.CLIPImageProcessor(
-        size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
-        do_center_crop=True, **common,
-    )
-  else:
-    image_processor = transformers.SiglipImageProcessor(
-        size={'height': size, 'width': size}, **common
-    )
   has_class_token = vision_config.has_class_token
-  processor = transformers.LlavaProcessor(
-      image_processor=image_processor,
-      tokenizer=tokenizer,
-      patch_size=vision_config.patch_size,
-      vision_feature_select_strategy=vision_config.feature_select if has_class_token else 'full',
-      num_additional_image_tokens=int(has_class_token),
-      image_token=image_token,
-  )
+  tokens = dict(patch_size=vision_config.patch_size,
+                vision_feature_select_strategy=vision_config.feature_select if has_class_token
+                else 'full',
+                num_additional_image_tokens=int(has_class_token), image_token=image_token)
+  pinpoints = [list(map(int, pinpoint)) for pinpoint in image_grid_pinpoints]
+  if pinpoints and anyres_max_crops:
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={'height': size, 'width': size}, image_grid_pinpoints=pinpoints, **common)
+    image_processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return image_processor
+  if pinpoints:
+    image_processor = LlavaNextImageProcessorPil(
+        size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
+        image_grid_pinpoints=pinpoints, **common)
+    processor = transformers.LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, **tokens)
+  else:
+    if has_class_token:  # CLIP, DINOv2
+      image_processor = transformers.CLIPImageProcessor(
+          size={'shortest_edge': size}, crop_size={'height': size, 'width': size},
+          do_center_crop=True, **common)
+    else:
+      image_processor = transformers.SiglipImageProcessor(
+          size={'height': size, 'width': size}, **common)
+    processor = transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, **tokens)
   processor.save_pretrained(folder)
   return processor
 
@@ -404,4 +427,6 @@ def export_folder(folder: str | os.PathLike, config: VLMConfig, params: Mapping,
   """A complete Hugging Face LLaVA folder: config, safetensors, tokenizer and processor."""
   save_pretrained(config, params, folder, dtype=dtype, max_shard_size=max_shard_size)
   image_token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-  save_processor(folder, tokenizer, config.vision, image_token=image_token)
+  save_processor(folder, tokenizer, config.vision, image_token=image_token,
+                 image_grid_pinpoints=config.image_grid_pinpoints,
+                 anyres_max_crops=config.anyres_max_crops)

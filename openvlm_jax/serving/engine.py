@@ -32,6 +32,8 @@ from absl import logging
 from openvlm_jax import inference
 from openvlm_jax.data import examples as examples_lib
 
+IMAGE_INPUTS = ('images', 'image_feature_index', 'image_feature_weight')  # of an example
+
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 
@@ -74,7 +76,7 @@ class Job:
   """One request: its prompt, images, rows to generate and where the answers go."""
 
   prompt: np.ndarray  # int32 [num_tokens], image tokens widened
-  images: np.ndarray  # float32 [max_images, H, W, 3]
+  images: dict[str, np.ndarray]  # `examples.image_inputs`: images [slots, H, W, 3], layout
   sampling: Sampling
   max_new_tokens: int
   n: int
@@ -200,7 +202,7 @@ class Engine:
     record = to_record(messages, self.limits)
     try:
       prompt, _ = examples_lib.encode_prompt(record, self.spec)
-      images = examples_lib.load_images(record, self.spec)  # decodes every image
+      images = examples_lib.image_inputs(record, self.spec, prompt)  # decodes every image
     except ValueError as error:
       raise RequestError(str(error), param='messages') from None
     if len(prompt) > self.max_prompt_tokens:
@@ -246,7 +248,8 @@ class Engine:
     Returns:
       The number of shapes compiled.
     """
-    size = self.spec.image_size
+    empty = examples_lib.empty_example(self.spec)
+    image_fields = [key for key in empty if key in IMAGE_INPUTS]
     prompt_lens = [length for length in (32 * 2 ** i for i in range(16))
                    if length <= _bucket(self.max_prompt_tokens, 32)]
     row_counts = [rows for rows in ROW_BUCKETS if rows <= _row_bucket(self.limits.max_batch)]
@@ -255,12 +258,13 @@ class Engine:
           temperature=temperature, top_p=1.0, max_new_bucket=_bucket(self.limits.max_new_tokens),
           seed=None, stream=stream))
       for rows in row_counts:
-        pixels = np.zeros((rows, self.spec.max_images, size, size, 3), np.float32)
+        inputs = {key: np.stack([empty[key]] * rows) for key in image_fields}
+        pixels = inputs.pop('images')
         for prompt_len in prompt_lens:
           input_ids, attention_mask = inference.left_pad([[self.spec.pad_id]] * rows,
                                                          self.spec.pad_id, prompt_len)
           jax.block_until_ready(generate(self.params, input_ids, attention_mask, pixels,
-                                         jax.random.key(0)))
+                                         jax.random.key(0), **inputs))
     return len(streams) * len(row_counts) * len(prompt_lens)
 
   def run_group(self, jobs: list[Job]) -> list[list[dict[str, Any]]]:
@@ -277,7 +281,10 @@ class Engine:
     prompt_len = _bucket(max(len(prompt) for prompt in prompts), 32)
     input_ids, attention_mask = inference.left_pad(
         prompts + [[]] * (rows - len(prompts)), self.spec.pad_id, prompt_len)
-    pixels = np.stack(images + [np.zeros_like(images[0])] * (rows - len(images)))
+    inputs = {key: np.stack([row[key] for row in images]
+                            + [np.zeros_like(images[0][key])] * (rows - len(images)))
+              for key in images[0]}  # images [rows, slots, H, W, 3], an anyres layout
+    pixels = inputs.pop('images')
     seed = sampling.seed if sampling.seed is not None else time.monotonic_ns()
     streams = [_Stream(job, choice, self.tokenizer) for job, choice in owners]
     with self._decoding:
@@ -287,7 +294,8 @@ class Engine:
             if alive]
       try:
         out = jax.device_get(self._generate_fn(sampling)(
-            self.params, input_ids, attention_mask, pixels, jax.random.key(seed % (1 << 31))))
+            self.params, input_ids, attention_mask, pixels, jax.random.key(seed % (1 << 31)),
+            **inputs))
       finally:
         self._listener = None
     self.stats['batches'] += 1

@@ -137,12 +137,13 @@ class Evaluator:
         batch_size=self.generate_batch_size,
         prompt_len=max(len(prompt) for prompt in self.eval_set.prompts), seed=self.seed)
 
-  def _images_of(self, index: int) -> np.ndarray:
-    """The images of record `index`, or a one-line error naming it (they changed on disk
-    after validation, so the two evals could no longer cover the same examples)."""
+  def _images_of(self, index: int) -> dict[str, np.ndarray]:
+    """The image inputs of record `index` (`examples.image_inputs`), or a one-line error
+    naming it (they changed on disk after validation, so the two evals could no longer
+    cover the same examples)."""
     record = self.eval_set.record(index)
     try:
-      return examples_lib.load_images(record, self.eval_set.spec)
+      return examples_lib.image_inputs(record, self.eval_set.spec, self.eval_set.prompts[index])
     except ValueError as error:
       raise UserError(f"{record.get('where', '?')}: {error} (it was readable when the eval "
                       'set was validated)') from error

@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from openvlm_jax import checkpoint, config_lib, console, inference, objectives, parallel
 from openvlm_jax.console import UserError
-from openvlm_jax.data import charts, digits, pipeline, sources
+from openvlm_jax.data import anyres, charts, digits, pipeline, sources
 from openvlm_jax.data import examples as examples_lib
 from openvlm_jax.data import tokenizer as tokenizer_lib
 from openvlm_jax.hf import io as hf_io
@@ -27,6 +27,7 @@ from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.vlm import VLM
 from openvlm_jax.training import evaluate, rollout
 from openvlm_jax.training import optimizer as optimizer_lib
+from openvlm_jax.training import step as step_lib
 from openvlm_jax.training import state as state_lib
 
 
@@ -161,7 +162,29 @@ def model_config(config: ml_collections.ConfigDict,
                  lora=config_lib.lora_config(config.lora))
   source = config_lib.model_source(config.model)
   vlm_config = MODEL_SOURCES[source].config(config, tokenizer, runtime)
-  return with_tower_image_size(vlm_config, config.model.tower_image_size)
+  vlm_config = with_tower_image_size(vlm_config, config.model.tower_image_size)
+  return with_tile_limit(vlm_config, config.data.max_tiles)
+
+
+def with_tile_limit(vlm_config: VLMConfig, max_tiles: int) -> VLMConfig:
+  """The VLM config with only the anyres grids of at most `max_tiles` crops (0: all).
+
+  The limit is the model's from then on, so an exported folder tiles as training did.
+
+  Raises:
+    UserError: the model is not anyres, or no grid is that small.
+  """
+  if not max_tiles:
+    return vlm_config
+  key = f'config.data.max_tiles={max_tiles}'
+  if not vlm_config.image_grid_pinpoints:
+    raise UserError(f'{key}: the model does not tile images (no image_grid_pinpoints)')
+  try:
+    pinpoints = anyres.limited_pinpoints(vlm_config.image_grid_pinpoints,
+                                         vlm_config.vision.image_size, max_tiles)
+  except ValueError as error:
+    raise UserError(f'{key}: {error}') from error
+  return dataclasses.replace(vlm_config, image_grid_pinpoints=pinpoints)
 
 
 def with_tower_image_size(vlm_config: VLMConfig, image_size: int) -> VLMConfig:
@@ -264,25 +287,42 @@ def check_sequence_fits_images(config: ml_collections.ConfigDict, vlm_config: VL
         'lower data.max_images')
 
 
-def check_images_are_single_view(config: ml_collections.ConfigDict,
-                                 vlm_config: VLMConfig) -> None:
-  """Anyres models (LLaVA-NeXT, OneVision folders) load, convert and export, but the data
-  pipeline does not tile images for them yet."""
+def check_images_are_single_view(config: ml_collections.ConfigDict, vlm_config: VLMConfig,
+                                 what: str) -> None:
+  """Anyres models (LLaVA-NeXT, OneVision folders) train, evaluate, predict and export, but
+  `what` (serving, GRPO's rollouts) does not tile images yet."""
   if vlm_config.image_grid_pinpoints:
     raise UserError(
         f'config.model.init_from={config.model.init_from}: a LLaVA-NeXT/OneVision model '
-        '(image_grid_pinpoints) converts and exports (--mode=export), but training, eval and '
-        'generation do not tile its images yet')
+        f'(image_grid_pinpoints) trains, evaluates, predicts and exports, but {what} does '
+        'not tile its images yet')
+
+
+def anyres_spec(config: ml_collections.ConfigDict,
+                vlm_config: VLMConfig) -> anyres.AnyresSpec | None:
+  """How examples tile images for an anyres model (None for a single-view one).
+
+  `data.max_views` (0: every image at its largest grid) bounds the views per example.
+  """
+  pinpoints = vlm_config.image_grid_pinpoints
+  if not pinpoints:
+    return None
+  vision, data = vlm_config.vision, config.data
+  most_crops = max(anyres.num_crops(pinpoint, vision.image_size) for pinpoint in pinpoints)
+  return anyres.AnyresSpec(
+      pinpoints=tuple(pinpoints), patch_size=vision.patch_size,
+      max_crops=vlm_config.anyres_max_crops,
+      max_views=data.max_views or data.max_images * (1 + most_crops))
 
 
 def example_spec(run: Run) -> examples_lib.ExampleSpec:
   """How the run turns records into examples: tokenizer, image preprocessing, sizes."""
-  check_images_are_single_view(run.config, run.vlm_config)
   vision, data = run.vlm_config.vision, run.config.data
   return examples_lib.ExampleSpec(
       tokenizer=run.tokenizer, image_size=vision.image_size, image_mean=tuple(vision.image_mean),
       image_std=tuple(vision.image_std), num_image_tokens=vision.num_image_tokens,
-      seq_len=data.seq_len, max_images=data.max_images)
+      seq_len=data.seq_len, max_images=data.max_images,
+      anyres=anyres_spec(run.config, run.vlm_config))
 
 
 def local_batch_size(run: Run) -> int:
@@ -310,7 +350,8 @@ def train_iterator(run: Run, pairs: bool = False) -> Iterator[dict]:
       num_image_tokens=spec.num_image_tokens, seq_len=spec.seq_len, max_images=spec.max_images,
       on_bad_record=data.on_bad_record, decode_images=data.decode_images,
       shard_index=jax.process_index(), shard_count=jax.process_count(),
-      packing=data.packing, pack_max_images=data.pack_max_images, pairs=pairs)
+      packing=data.packing, pack_max_images=data.pack_max_images, pairs=pairs,
+      anyres=spec.anyres)
 
 
 def load_eval_set(run: Run, files: Sequence[str] | None = None,
@@ -378,13 +419,18 @@ def make_evaluator(run: Run, eval_set: evaluate.EvalSet, objective: objectives.O
 def example_inputs(run: Run) -> dict:
   """Zero inputs of the right shapes and dtypes for `model.init`."""
   seq_len, vision = run.config.data.seq_len, run.vlm_config.vision
-  return dict(
+  spec = example_spec(run)
+  inputs = dict(
       input_ids=np.zeros((1, seq_len), np.int32),
-      images=np.zeros((1, run.config.data.max_images, vision.image_size, vision.image_size, 3),
+      images=np.zeros((1, spec.image_slots, vision.image_size, vision.image_size, 3),
                       np.float32),
       positions=np.zeros((1, seq_len), np.int32),
       attention_mask=np.ones((1, seq_len), np.int32),
   )
+  if spec.anyres is not None:
+    empty = examples_lib.empty_example(spec)
+    inputs.update({key: empty[key][None] for key in step_lib.ANYRES_KEYS if key in empty})
+  return inputs
 
 
 def pretrained_params(run: Run, param_shardings: Any) -> Optional[Any]:
@@ -456,6 +502,7 @@ def make_rollout_maker(run: Run, objective: objectives.Objective) -> rollout.Rol
   if objective.rollouts is None:
     return None
   config = run.config
+  check_images_are_single_view(config, run.vlm_config, "GRPO's rollout sampler")
   return rollout.RolloutMaker(model=run.model, rollouts=objective.rollouts,
                               tokenizer=run.tokenizer, mesh=run.mesh,
                               rules=config.logical_axis_rules, seq_len=config.data.seq_len,

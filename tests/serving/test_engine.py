@@ -11,7 +11,8 @@ GREEDY = engine_lib.Sampling(temperature=0.0, top_p=1.0, max_new_bucket=16, seed
 
 
 def _job(n: int = 1, **fields) -> engine_lib.Job:
-  return engine_lib.Job(prompt=np.zeros(3, np.int32), images=np.zeros((1, 4, 4, 3), np.float32),
+  return engine_lib.Job(prompt=np.zeros(3, np.int32),
+                        images={'images': np.zeros((1, 4, 4, 3), np.float32)},
                         sampling=GREEDY, max_new_tokens=8, n=n, **fields)
 
 

@@ -69,7 +69,7 @@ def test_an_image_gone_after_validation_is_named_not_a_traceback(spec, tmp_path)
                                     check=examples_lib.check_question)
   evaluator = evaluate.Evaluator.__new__(evaluate.Evaluator)  # only its image reader is used
   evaluator.eval_set = eval_set
-  assert evaluator._images_of(1).shape == (1, 8, 8, 3)
+  assert evaluator._images_of(1)['images'].shape == (1, 8, 8, 3)
   os.remove(tmp_path / 'images' / '1.png')
   with pytest.raises(UserError, match=r'eval\.jsonl:2: image not found: .*1\.png'):
     evaluator._images_of(1)

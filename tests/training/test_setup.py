@@ -118,11 +118,28 @@ def test_a_run_reads_a_weighted_mixture_of_jsonl_and_arrayrecord(tmp_path, capsy
     setup.make_run(config, str(tmp_path / 'run'))
 
 
-def test_an_anyres_model_is_refused_where_images_would_be_fed():
+def test_an_anyres_model_is_refused_where_images_are_not_tiled_yet():
   config = quantitative.get_config()
   config.model.init_from = '/models/llava-v1.6-mistral-7b-hf'
   vlm_config = config_lib.build_vlm_config(config.model, vocab_size=32, image_token_id=3)
-  setup.check_images_are_single_view(config, vlm_config)  # single view: fine
+  setup.check_images_are_single_view(config, vlm_config, 'the server')  # single view: fine
   tiled = dataclasses.replace(vlm_config, image_grid_pinpoints=((16, 32), (32, 16)))
-  with pytest.raises(UserError, match='init_from=/models/llava-v1.6-mistral-7b-hf: a LLaVA-NeXT'):
-    setup.check_images_are_single_view(config, tiled)
+  with pytest.raises(UserError, match='init_from=/models/llava-v1.6-mistral-7b-hf: a LLaVA-NeXT'
+                     '.* but the server does not tile'):
+    setup.check_images_are_single_view(config, tiled, 'the server')
+
+
+def test_max_tiles_keeps_the_small_grids_of_an_anyres_model():
+  config = quantitative.get_config()
+  vlm_config = config_lib.build_vlm_config(config.model, vocab_size=32, image_token_id=3)
+  size = vlm_config.vision.image_size
+  grids = ((size, 2 * size), (2 * size, size), (2 * size, 2 * size), (size, 3 * size))
+  tiled = dataclasses.replace(vlm_config, image_grid_pinpoints=grids)
+  assert setup.with_tile_limit(tiled, 0) == tiled
+  assert setup.with_tile_limit(tiled, 2).image_grid_pinpoints == grids[:2]
+  assert setup.with_tile_limit(tiled, 3).image_grid_pinpoints == grids[:2] + grids[3:]
+  with pytest.raises(UserError, match=r'^config.data.max_tiles=1: every grid has more than 1 '
+                     r'crops \(the smallest has 2\)$'):
+    setup.with_tile_limit(tiled, 1)
+  with pytest.raises(UserError, match='max_tiles=2: the model does not tile images'):
+    setup.with_tile_limit(vlm_config, 2)
