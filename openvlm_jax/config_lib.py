@@ -132,7 +132,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   # tokens and pack_max_images images (0: as many as seq_len can hold); eval is unpacked.
   config.data.packing = False
   config.data.pack_max_images = 0
-  # The embedded dataset: 'read' | 'sum' | 'sum_pairs' (digits, data/digits.py) | 'charts'.
+  # The embedded dataset: 'read' | 'sum' | 'sum_pairs' | 'read_small' (digits, data/digits.py)
+  # | 'charts'.
   config.data.demo_task = 'read'
   config.data.demo_train_repeats = 1  # digits: training records led by each training digit
 
@@ -305,7 +306,7 @@ CHOICES = {
     'model.llm.family': ('llama', 'qwen2', 'mistral'),
     'lora.base_dtype': ('float32', 'bf16', 'int8', 'nf4'),
     'objective.name': ('sft', 'quantitative', 'dpo', 'grpo'),
-    'data.demo_task': ('read', 'sum', 'sum_pairs', 'charts'),
+    'data.demo_task': ('read', 'sum', 'sum_pairs', 'read_small', 'charts'),
     'export.dtype': ('float32', 'bfloat16'),
     'export.format': ('merged', 'peft'),
 }

@@ -119,7 +119,7 @@ def test_model_source_and_runtime_fields():
   assert sorted(config_lib.runtime_fields(config.model)) == sorted(config_lib.RUNTIME_FIELDS)
 
 
-@pytest.mark.parametrize('name', ['sft', 'quantitative', 'charts'])
+@pytest.mark.parametrize('name', ['sft', 'quantitative', 'charts', 'small_print'])
 def test_every_recipe_passes_the_config_check_and_shows_its_numbers(name):
   module = __import__(f'configs.{name}', fromlist=['get_config'])
   config = module.get_config()

@@ -10,6 +10,9 @@ exercises the real input path. Tasks:
           the 1527 images; each held-out digit leads one.
   'sum_pairs': the sum images as preference pairs (DPO): the question with the true sum
           as `chosen` and a near miss (1-3 off) as `rejected`.
+  'read_small': small print: one digit in a random cell of a 4x4 grid, the image 4 times
+          the tower's size, so a single view shrinks the digit below its 8x8 pixels and a
+          4x4 anyres tiling sees it whole; "What number is shown?" -> "7".
 The train/eval split is over the digit images, so no eval digit appears in training.
 """
 
@@ -24,7 +27,8 @@ from PIL import Image
 from openvlm_jax.console import UserError
 from openvlm_jax.data import conversation, sources
 
-TASKS = ('read', 'sum', 'sum_pairs')
+TASKS = ('read', 'sum', 'sum_pairs', 'read_small')
+SMALL_PRINT_GRID = 4  # 'read_small': cells along each side
 _MARKER = '.complete'
 _READ_QUESTIONS = (
     '<image>\nWhat number is shown?',
@@ -49,6 +53,15 @@ def _to_png(pixels_8bit: np.ndarray, image_size: int, path: str) -> None:
   image = Image.fromarray(square)
   resample = Image.Resampling.NEAREST if image_size % side == 0 else Image.Resampling.BILINEAR
   image.resize((image_size, image_size), resample=resample).convert('RGB').save(path)
+
+
+def _small_print(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """One digit [8, 8] in a random cell of a SMALL_PRINT_GRID-square grid of 8x8 cells."""
+  side = 8 * SMALL_PRINT_GRID
+  canvas = np.zeros((side, side), np.float32)
+  top, left = 8 * rng.integers(SMALL_PRINT_GRID, size=2)
+  canvas[top:top + 8, left:left + 8] = digit
+  return canvas
 
 
 def _sum_grid(digit_images: np.ndarray, chosen: np.ndarray, rng: np.random.Generator):
@@ -77,11 +90,13 @@ def _records_for_split(
   records = []
   leading = np.repeat(digit_indices, repeats)
   for number, index in enumerate(leading):
-    if task == 'read':
-      chosen = np.asarray([index])
+    side = image_size
+    if task in ('read', 'read_small'):
       question = _READ_QUESTIONS[rng.integers(len(_READ_QUESTIONS))]
       answer = str(labels[index])
       strip = digit_images[index]  # [8, 8]
+      if task == 'read_small':
+        strip, side = _small_print(strip, rng), image_size * SMALL_PRINT_GRID
     else:
       # Training images hold 1-3 digits (one digit: its sum is itself, which teaches reading
       # a cell), held-out images 2-3.
@@ -93,7 +108,7 @@ def _records_for_split(
       strip = _sum_grid(digit_images, chosen, rng)  # [16, 16]
     pixels_8bit = np.round(strip * (255.0 / 16.0)).astype(np.uint8)
     image_name = f'images/{task}_{split}_{number:05d}.png'
-    _to_png(pixels_8bit, image_size, os.path.join(out_dir, image_name))
+    _to_png(pixels_8bit, side, os.path.join(out_dir, image_name))
     record = {'id': f'{task}-{split}-{number}', 'image': image_name,
               'conversations': [{'from': 'human', 'value': question}]}
     if task == 'sum_pairs':
@@ -128,9 +143,10 @@ def build_digits_dataset(
     out_dir: destination folder (one dataset per folder).
     seed: fixes the split, the question phrasings and the digit combinations.
     eval_fraction: share of the 1797 digit images held out for evaluation.
-    image_size: side of the square RGB PNGs.
+    image_size: side of the square RGB PNGs ('read_small': of a grid cell).
     task: 'read' (one digit, answer the digit), 'sum' (1-3 digits in training, 2-3 held
-      out; answer their sum) or 'sum_pairs' (those sums as chosen/rejected pairs).
+      out; answer their sum), 'sum_pairs' (those sums as chosen/rejected pairs) or
+      'read_small' (one digit in a cell of a 4x4 grid).
     train_repeats: records each training digit leads (the eval split has one per digit).
 
   Returns:

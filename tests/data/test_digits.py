@@ -85,3 +85,22 @@ def test_sum_images_hold_their_digits_in_grid_cells(tmp_path):
     assert int(record['conversations'][1]['value']) == sum(found)
   with pytest.raises(ValueError, match='train_repeats'):
     digits.build_digits_dataset(str(tmp_path), task='sum', train_repeats=0)
+
+
+def test_small_print_puts_one_digit_in_a_cell_of_a_grid_four_views_wide(tmp_path):
+  paths = digits.build_digits_dataset(str(tmp_path), task='read_small', seed=5, image_size=16)
+  bunch = datasets.load_digits()
+  cells_used = set()
+  for record in _read(paths['eval'])[:60]:
+    with Image.open(tmp_path / record['image']) as image:
+      assert image.size == (64, 64)  # 4 cells of the 16 px the tower reads
+      pixels = np.asarray(image)[::2, ::2, 0].astype(np.float64) * 16 / 255  # [32, 32]
+    inked = [(r, c) for r in range(4) for c in range(4)
+             if pixels[8 * r:8 * r + 8, 8 * c:8 * c + 8].max() > 0]
+    assert len(inked) == 1  # one cell holds the whole digit
+    (r, c), = inked
+    cells_used.add((r, c))
+    distance = np.abs(bunch.images - pixels[8 * r:8 * r + 8, 8 * c:8 * c + 8]).max(axis=(1, 2))
+    assert distance.min() < 0.1
+    assert record['conversations'][1]['value'] == str(bunch.target[int(np.argmin(distance))])
+  assert len(cells_used) > 8  # the cell is random
