@@ -198,7 +198,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
   return input_ids, attention_mask
 
 
-def _padded_stack(rows: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+def padded_stack(rows: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
   """`rows` stacked and zero-padded to `batch_size` rows."""
   stacked = np.stack(rows)
   padding = np.zeros((batch_size - len(rows), *stacked.shape[1:]), stacked.dtype)
@@ -210,7 +210,7 @@ def answer_prompts(
     params: Any,
     tokenizer: Any,
     prompts: Sequence[np.ndarray],
-    images_of: Callable[[int], np.ndarray | dict[str, np.ndarray]],
+    images_of: Callable[[int], dict[str, np.ndarray]],
     *,
     batch_size: int,
     prompt_len: int,
@@ -226,9 +226,8 @@ def answer_prompts(
     params: the VLM's parameters.
     tokenizer: decodes the answers.
     prompts: token ids of each prompt, image tokens expanded.
-    images_of: index -> float32 [max_images, H, W, 3], the images of prompt `index`; or the
-      model's image inputs as a dict (`examples.image_inputs`: `images` and an anyres
-      model's feature index).
+    images_of: index -> the image inputs of prompt `index` (`examples.image_inputs`: images
+      float32 [max_images, H, W, 3], and an anyres model's feature index).
     batch_size, prompt_len: the compiled shape.
     seed: the sampling seed.
 
@@ -242,8 +241,7 @@ def answer_prompts(
     rows = [prompts[i] for i in chunk] + [[]] * (batch_size - len(chunk))
     input_ids, attention_mask = left_pad(rows, pad_id, prompt_len)
     inputs = [images_of(index) for index in chunk]
-    inputs = [row if isinstance(row, dict) else {'images': row} for row in inputs]
-    batch = {key: _padded_stack([row[key] for row in inputs], batch_size)
+    batch = {key: padded_stack([row[key] for row in inputs], batch_size)
              for key in inputs[0]}  # images [rows, max_images, H, W, 3], ...
     rng, batch_rng = jax.random.split(rng)
     images = batch.pop('images')

@@ -137,8 +137,7 @@ def preprocess_anyres(
 
 def num_views(height: int, width: int, *, pinpoints: Pinpoints, crop_size: int) -> int:
   """How many views (base + crops) an image of this size gets."""
-  target_height, target_width = select_best_resolution(height, width, pinpoints)
-  return 1 + -(-target_height // crop_size) * -(-target_width // crop_size)
+  return 1 + num_crops(select_best_resolution(height, width, pinpoints), crop_size)
 
 
 def unpadded_span(height: int, width: int, grid_height: int,
@@ -243,7 +242,8 @@ def feature_layout(
 
 
 def row_feature_index(layouts: Sequence[Layout], view_counts: Sequence[int], *,
-                      tokens_per_view: int, max_views: int, length: int) -> Layout:
+                      tokens_per_view: int, max_views: int, length: int,
+                      bilinear: bool = False) -> Layout:
   """The feature index of a sequence row holding several anyres images.
 
   The row's views sit one after another in `max_views` slots, so image i's views start at
@@ -254,7 +254,8 @@ def row_feature_index(layouts: Sequence[Layout], view_counts: Sequence[int], *,
 
   Returns:
     A Layout of `length` entries: index int32 [length] (or [length, BILINEAR_TAPS] with
-    weight float32 [length, BILINEAR_TAPS], when the layouts have weights).
+    weight float32 [length, BILINEAR_TAPS], when the layouts have weights or `bilinear`
+    asks for that form, e.g. for a OneVision row without images).
 
   Raises:
     ValueError: the images need more than `max_views` views or `length` tokens.
@@ -268,7 +269,7 @@ def row_feature_index(layouts: Sequence[Layout], view_counts: Sequence[int], *,
                           layout.index + first_view * tokens_per_view))
     weights.append(layout.weight)
     first_view += count
-  tapped = any(weight is not None for weight in weights)
+  tapped = bilinear or any(weight is not None for weight in weights)
   empty_shape = (0, BILINEAR_TAPS) if tapped else (0,)
   index = np.concatenate(parts) if parts else np.zeros(empty_shape, np.int32)
   if len(index) > length:

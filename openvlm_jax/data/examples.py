@@ -22,7 +22,7 @@ A record comes from `jsonl.parse_record` (images as `image_paths`) or from an in
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -88,16 +88,24 @@ def image_plan(record: dict[str, Any], spec: ExampleSpec, num_text_tokens: int,
                                 max_image_tokens=spec.seq_len - num_text_tokens)
 
 
-def _widened(encode: Callable[[int | Sequence[int]], Any], record: dict[str, Any],
-             spec: ExampleSpec, num_images: int,
-             input_ids_of: Callable[[Any], np.ndarray]) -> tuple[Any, anyres_lib.ImagePlan | None]:
-  """Runs `encode(num_image_tokens)`; for anyres images, first with one token per image to
-  learn the text's length, then with each image's own count. Returns (result, plan)."""
+def _anyres_widened(tokens: dict[str, np.ndarray], record: dict[str, Any], spec: ExampleSpec,
+                    num_images: int) -> tuple[dict[str, np.ndarray], anyres_lib.ImagePlan | None]:
+  """Tokens encoded with one token per image, widened to each anyres image's own count
+  (planned beside the text they hold); unchanged, with no plan, for a single-view spec or a
+  record without images."""
   if spec.anyres is None or not num_images:
-    return encode(spec.num_image_tokens), None
-  once = encode(1)
-  plan = image_plan(record, spec, len(input_ids_of(once)) - num_images)
-  return encode(plan.num_tokens), plan
+    return tokens, None
+  plan = image_plan(record, spec, len(tokens['input_ids']) - num_images)
+  widened = conversation.widen_image_tokens(
+      tokens['input_ids'], tokens['loss_mask'],
+      image_token_id=conversation.image_token_id(spec.tokenizer, num_images),
+      num_image_tokens=plan.num_tokens, num_images=num_images)
+  return widened, plan
+
+
+def _tokens_per_image(spec: ExampleSpec, num_images: int) -> int:
+  """What the conversation is first widened to: the spec's count, or 1 for anyres images."""
+  return 1 if spec.anyres is not None and num_images else spec.num_image_tokens
 
 
 def encode_tokens(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.ndarray]:
@@ -116,10 +124,10 @@ def encode_tokens(record: dict[str, Any], spec: ExampleSpec) -> dict[str, np.nda
 def _encode_tokens(record: dict[str, Any],
                    spec: ExampleSpec) -> tuple[dict[str, np.ndarray], anyres_lib.ImagePlan | None]:
   num_images = _check_num_images(record, spec)
-  encode = lambda num_image_tokens: conversation.encode_conversation(
+  tokens = conversation.encode_conversation(
       record['conversations'], tokenizer=spec.tokenizer, num_images=num_images,
-      num_image_tokens=num_image_tokens)
-  tokens, plan = _widened(encode, record, spec, num_images, lambda t: t['input_ids'])
+      num_image_tokens=_tokens_per_image(spec, num_images))
+  tokens, plan = _anyres_widened(tokens, record, spec, num_images)
   num_tokens = len(tokens['input_ids'])
   if num_tokens > spec.seq_len:
     raise ValueError(f'{num_tokens} tokens, longer than seq_len={spec.seq_len}')
@@ -161,10 +169,11 @@ def encode_prompt(record: dict[str, Any], spec: ExampleSpec) -> tuple[np.ndarray
     ValueError: for a bad conversation, too many images, or a prompt longer than `seq_len`.
   """
   num_images = _check_num_images(record, spec)
-  encode = lambda num_image_tokens: conversation.encode_prompt(
+  prompt, reference = conversation.encode_prompt(
       record['conversations'], tokenizer=spec.tokenizer, num_images=num_images,
-      num_image_tokens=num_image_tokens)
-  (prompt, reference), _ = _widened(encode, record, spec, num_images, lambda out: out[0])
+      num_image_tokens=_tokens_per_image(spec, num_images))
+  prompt = _anyres_widened({'input_ids': prompt, 'loss_mask': np.zeros_like(prompt)}, record,
+                           spec, num_images)[0]['input_ids']
   if len(prompt) > spec.seq_len:
     raise ValueError(f'a prompt of {len(prompt)} tokens, longer than seq_len={spec.seq_len}')
   return prompt, reference
@@ -228,20 +237,15 @@ def image_inputs(record: dict[str, Any], spec: ExampleSpec,
       slot += len(views)
   layout = anyres_lib.row_feature_index(
       plan.layouts if plan else [], plan.view_counts if plan else [],
-      tokens_per_view=spec.num_image_tokens, max_views=anyres.max_views, length=spec.seq_len)
-  return {'images': pixels, **_layout_fields(layout, anyres)}
+      tokens_per_view=spec.num_image_tokens, max_views=anyres.max_views, length=spec.seq_len,
+      bilinear=bool(anyres.max_crops))
+  return {'images': pixels, **_layout_fields(layout)}
 
 
-def _layout_fields(layout: anyres_lib.Layout,
-                   anyres: anyres_lib.AnyresSpec) -> dict[str, np.ndarray]:
+def _layout_fields(layout: anyres_lib.Layout) -> dict[str, np.ndarray]:
   """A row's feature index (and OneVision's weights) as example fields."""
-  if not anyres.max_crops:
+  if layout.weight is None:
     return {'image_feature_index': layout.index}
-  if layout.weight is None:  # no image: the taps form, all zero
-    return {'image_feature_index': np.zeros((*layout.index.shape, anyres_lib.BILINEAR_TAPS),
-                                            np.int32),
-            'image_feature_weight': np.zeros((*layout.index.shape, anyres_lib.BILINEAR_TAPS),
-                                             np.float32)}
   return {'image_feature_index': layout.index, 'image_feature_weight': layout.weight}
 
 
@@ -344,24 +348,25 @@ def empty_pair_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
   return stack_examples([empty_example(spec)] * 2)
 
 
+def empty_image_inputs(spec: ExampleSpec) -> dict[str, np.ndarray]:
+  """The image inputs of a row without images (see `image_inputs`): zero images, and an
+  anyres model's empty feature index."""
+  return image_inputs({}, spec, np.zeros((0,), np.int32))
+
+
 def empty_example(spec: ExampleSpec) -> dict[str, np.ndarray]:
   """An all-padding example (no tokens, no images, zero loss), for padding eval batches."""
-  seq_len, size = spec.seq_len, spec.image_size
-  example = {
+  seq_len = spec.seq_len
+  return {
       'input_ids': np.full((seq_len,), spec.pad_id, dtype=np.int32),
       'targets': np.full((seq_len,), spec.pad_id, dtype=np.int32),
       'loss_mask': np.zeros((seq_len,), dtype=np.float32),
       'attention_mask': np.zeros((seq_len,), dtype=np.int32),
       'positions': np.zeros((seq_len,), dtype=np.int32),
       'prefix_len': np.asarray(0, dtype=np.int32),
-      'images': np.zeros((spec.image_slots, size, size, 3), dtype=np.float32),
+      **empty_image_inputs(spec),
       'num_images': np.asarray(0, dtype=np.int32),
   }
-  if spec.anyres is not None:
-    empty = anyres_lib.row_feature_index([], [], tokens_per_view=spec.num_image_tokens,
-                                         max_views=spec.anyres.max_views, length=seq_len)
-    example.update(_layout_fields(empty, spec.anyres))
-  return example
 
 
 def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

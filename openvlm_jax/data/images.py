@@ -1,7 +1,8 @@
 """Image decoding and preprocessing for the vision tower (Pillow + numpy only)."""
 
+import contextlib
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -38,25 +39,30 @@ def preprocess_image(
   return (pixels - mean) / std
 
 
-def open_image(path_or_bytes: str | bytes) -> Image.Image:
-  """Reads and decodes an image file (or encoded bytes: PNG, JPEG, ...) with Pillow.
-
-  Raises:
-    ValueError: naming the file, if it is missing or cannot be decoded.
-  """
+@contextlib.contextmanager
+def _pillow(path_or_bytes: str | bytes) -> Iterator[Image.Image]:
+  """An image file (or encoded bytes) opened lazily by Pillow; a missing or undecodable one
+  (also while the block reads it) raises ValueError naming the file."""
   name = 'bytes' if isinstance(path_or_bytes, bytes) else path_or_bytes
   try:
-    with Image.open(_opened(path_or_bytes)) as image:
-      image.load()  # the pixels stay in memory once the file is closed
-      return image
+    opened = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(opened) as image:
+      yield image
   except FileNotFoundError as error:
     raise ValueError(f'image not found: {path_or_bytes}') from error
   except (OSError, SyntaxError, Image.DecompressionBombError) as error:
     raise ValueError(f'cannot decode image {name}: {error}') from error
 
 
-def _opened(path_or_bytes: str | bytes):
-  return io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+def open_image(path_or_bytes: str | bytes) -> Image.Image:
+  """Reads and decodes an image file (or encoded bytes: PNG, JPEG, ...) with Pillow.
+
+  Raises:
+    ValueError: naming the file, if it is missing or cannot be decoded.
+  """
+  with _pillow(path_or_bytes) as image:
+    image.load()  # the pixels stay in memory once the file is closed
+    return image
 
 
 def image_size(path_or_bytes: str | bytes) -> tuple[int, int]:
@@ -65,15 +71,9 @@ def image_size(path_or_bytes: str | bytes) -> tuple[int, int]:
   Raises:
     ValueError: naming the file, if it is missing or not an image.
   """
-  name = 'bytes' if isinstance(path_or_bytes, bytes) else path_or_bytes
-  try:
-    with Image.open(_opened(path_or_bytes)) as image:
-      width, height = image.size
-      return height, width
-  except FileNotFoundError as error:
-    raise ValueError(f'image not found: {path_or_bytes}') from error
-  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-    raise ValueError(f'cannot decode image {name}: {error}') from error
+  with _pillow(path_or_bytes) as image:
+    width, height = image.size
+    return height, width
 
 
 def load_image(
@@ -95,24 +95,6 @@ def load_image(
                           image_std=image_std)
 
 
-def decode_image_bytes(
-    data: bytes,
-    *,
-    image_size: int,
-    image_mean: Sequence[float],
-    image_std: Sequence[float],
-) -> np.ndarray:
-  """Decodes encoded image bytes (PNG, JPEG, ...) and preprocesses them.
-
-  Returns:
-    float32 [image_size, image_size, 3].
-
-  Raises:
-    ValueError: if the bytes cannot be decoded.
-  """
-  return load_image(data, image_size=image_size, image_mean=image_mean, image_std=image_std)
-
-
 def verify_image(path: str | bytes, full_decode: bool = False) -> None:
   """Checks that `path` exists and holds a decodable image.
 
@@ -127,14 +109,8 @@ def verify_image(path: str | bytes, full_decode: bool = False) -> None:
   Raises:
     ValueError: naming the file, if it is missing or corrupt.
   """
-  name = 'bytes' if isinstance(path, bytes) else path
-  try:
-    with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
-      if full_decode:
-        image.load()
-      else:
-        image.verify()
-  except FileNotFoundError as error:
-    raise ValueError(f'image not found: {path}') from error
-  except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-    raise ValueError(f'cannot decode image {name}: {error}') from error
+  with _pillow(path) as image:
+    if full_decode:
+      image.load()
+    else:
+      image.verify()

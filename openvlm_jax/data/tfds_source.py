@@ -4,7 +4,7 @@ Features per record: `record` (the JSONL line's JSON object as text, every field
 `origin` (the `path:line` it was converted from), `id` and `images` (the encoded image
 files' bytes, PNG or JPEG as they were, in the order of the record's `image` field).
 `tfds.features.Image` would need TensorFlow, so images are kept encoded and decoded by
-`images.decode_image_bytes`. Records keep their JSONL order (no shuffling at write time).
+`images.load_image`. Records keep their JSONL order (no shuffling at write time).
 
   python -m openvlm_jax.data.convert --train=train.jsonl --eval=eval.jsonl --out=data/ar
   source = TfdsSource(find_dataset_dir('data/ar'), 'train')  # what 'data/ar:train' opens

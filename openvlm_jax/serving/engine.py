@@ -32,8 +32,6 @@ from absl import logging
 from openvlm_jax import inference
 from openvlm_jax.data import examples as examples_lib
 
-IMAGE_INPUTS = ('images', 'image_feature_index', 'image_feature_weight')  # of an example
-
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 
@@ -248,8 +246,7 @@ class Engine:
     Returns:
       The number of shapes compiled.
     """
-    empty = examples_lib.empty_example(self.spec)
-    image_fields = [key for key in empty if key in IMAGE_INPUTS]
+    empty = examples_lib.empty_image_inputs(self.spec)
     prompt_lens = [length for length in (32 * 2 ** i for i in range(16))
                    if length <= _bucket(self.max_prompt_tokens, 32)]
     row_counts = [rows for rows in ROW_BUCKETS if rows <= _row_bucket(self.limits.max_batch)]
@@ -258,7 +255,7 @@ class Engine:
           temperature=temperature, top_p=1.0, max_new_bucket=_bucket(self.limits.max_new_tokens),
           seed=None, stream=stream))
       for rows in row_counts:
-        inputs = {key: np.stack([empty[key]] * rows) for key in image_fields}
+        inputs = {key: np.stack([value] * rows) for key, value in empty.items()}
         pixels = inputs.pop('images')
         for prompt_len in prompt_lens:
           input_ids, attention_mask = inference.left_pad([[self.spec.pad_id]] * rows,
@@ -281,8 +278,7 @@ class Engine:
     prompt_len = _bucket(max(len(prompt) for prompt in prompts), 32)
     input_ids, attention_mask = inference.left_pad(
         prompts + [[]] * (rows - len(prompts)), self.spec.pad_id, prompt_len)
-    inputs = {key: np.stack([row[key] for row in images]
-                            + [np.zeros_like(images[0][key])] * (rows - len(images)))
+    inputs = {key: inference.padded_stack([row[key] for row in images], rows)
               for key in images[0]}  # images [rows, slots, H, W, 3], an anyres layout
     pixels = inputs.pop('images')
     seed = sampling.seed if sampling.seed is not None else time.monotonic_ns()

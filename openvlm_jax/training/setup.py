@@ -27,7 +27,6 @@ from openvlm_jax.models.config import VLMConfig
 from openvlm_jax.models.vlm import VLM
 from openvlm_jax.training import evaluate, rollout
 from openvlm_jax.training import optimizer as optimizer_lib
-from openvlm_jax.training import step as step_lib
 from openvlm_jax.training import state as state_lib
 
 
@@ -418,19 +417,14 @@ def make_evaluator(run: Run, eval_set: evaluate.EvalSet, objective: objectives.O
 
 def example_inputs(run: Run) -> dict:
   """Zero inputs of the right shapes and dtypes for `model.init`."""
-  seq_len, vision = run.config.data.seq_len, run.vlm_config.vision
-  spec = example_spec(run)
-  inputs = dict(
+  seq_len = run.config.data.seq_len
+  images = examples_lib.empty_image_inputs(example_spec(run))  # images (and anyres layout)
+  return dict(
       input_ids=np.zeros((1, seq_len), np.int32),
-      images=np.zeros((1, spec.image_slots, vision.image_size, vision.image_size, 3),
-                      np.float32),
       positions=np.zeros((1, seq_len), np.int32),
       attention_mask=np.ones((1, seq_len), np.int32),
+      **{key: value[None] for key, value in images.items()},
   )
-  if spec.anyres is not None:
-    empty = examples_lib.empty_example(spec)
-    inputs.update({key: empty[key][None] for key in step_lib.ANYRES_KEYS if key in empty})
-  return inputs
 
 
 def pretrained_params(run: Run, param_shardings: Any) -> Optional[Any]:

@@ -33,7 +33,7 @@ def test_bytes_and_file_agree(tmp_path):
   Image.fromarray(np.arange(64 * 3, dtype=np.uint8).reshape(8, 8, 3)).save(path)
   kwargs = {'image_size': 8, 'image_mean': MEAN, 'image_std': STD}
   with open(path, 'rb') as f:
-    from_bytes = images.decode_image_bytes(f.read(), **kwargs)
+    from_bytes = images.load_image(f.read(), **kwargs)
   np.testing.assert_array_equal(from_bytes, images.load_image(path, **kwargs))
 
 

@@ -25,7 +25,6 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
     LlavaOnevisionImageProcessorPil,
 )
 
-from configs import sft
 from openvlm_jax import modes
 from openvlm_jax.data import conversation, digits
 from openvlm_jax.data import examples as examples_lib
@@ -36,6 +35,7 @@ from openvlm_jax.serving import engine as engine_lib
 from openvlm_jax.training import setup
 from openvlm_jax.training import step as step_lib
 from tests import tiny_hf
+from tests.hf import test_round_trip
 
 NUM_STEPS = 2
 SIZES = ((40, 18), (17, 45), (30, 30))  # (width, height): 1x3, 3x1 and 2x2 crops
@@ -111,17 +111,8 @@ def _round_trip(kind: str, root) -> dict:
   tokenizer = tokenizer_lib.train_tokenizer(
       digits.tokenizer_corpus([train_file]), str(root / 'tokenizer'), vocab_size=300)
   _save_folder(kind, root / 'init', tokenizer)
-  config = sft.get_config('model=tiny')
-  config.model.init_from = str(root / 'init')
-  config.data.train_files = (train_file,)
-  config.data.seq_len = 128
-  config.data.batch_size = 8
-  config.data.on_bad_record = 'raise'
-  config.optimizer.warmup_steps = 1
-  config.training.num_steps = NUM_STEPS
-  config.training.log_every = NUM_STEPS
-  config.training.progress_bar = False
-  config.export.dir = str(root / 'export')
+  config = test_round_trip.init_from_config(root / 'init', train_file, root / 'export',
+                                            seq_len=128, num_steps=NUM_STEPS)
   config.predict.input = train_file
   config.predict.output = str(root / 'predictions.jsonl')
   config.predict.max_new_tokens = 3

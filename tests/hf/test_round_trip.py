@@ -10,6 +10,7 @@ our logits.
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
@@ -68,6 +69,24 @@ def _save_llava_folder(folder, tokenizer) -> transformers.LlavaForConditionalGen
   return model
 
 
+def init_from_config(init_folder, train_file: str, export_dir, *, seq_len: int,
+                     num_steps: int) -> ml_collections.ConfigDict:
+  """The tiny SFT recipe started from `init_folder` on `train_file`: batches of 8, quiet,
+  strict about records, exporting into `export_dir`."""
+  config = sft.get_config('model=tiny')
+  config.model.init_from = str(init_folder)
+  config.data.train_files = (train_file,)
+  config.data.seq_len = seq_len
+  config.data.batch_size = 8
+  config.data.on_bad_record = 'raise'
+  config.optimizer.warmup_steps = 1
+  config.training.num_steps = num_steps
+  config.training.log_every = num_steps
+  config.training.progress_bar = False
+  config.export.dir = str(export_dir)
+  return config
+
+
 @pytest.fixture(scope='module')
 def round_trip(tmp_path_factory):
   """Trains 3 steps from a saved LLaVA folder and exports the result; returns the pieces."""
@@ -78,17 +97,8 @@ def round_trip(tmp_path_factory):
   init_folder = root / 'llava'
   _save_llava_folder(init_folder, tokenizer)
 
-  config = sft.get_config('model=tiny')
-  config.model.init_from = str(init_folder)
-  config.data.train_files = (train_file,)
-  config.data.seq_len = 64
-  config.data.batch_size = 8
-  config.data.on_bad_record = 'raise'
-  config.optimizer.warmup_steps = 1
-  config.training.num_steps = NUM_STEPS
-  config.training.log_every = NUM_STEPS
-  config.training.progress_bar = False
-  config.export.dir = str(root / 'export')
+  config = init_from_config(init_folder, train_file, root / 'export', seq_len=64,
+                            num_steps=NUM_STEPS)
   workdir = str(root / 'workdir')
   modes.train(config, workdir)
   exported = modes.export(config, workdir)
